@@ -1,0 +1,262 @@
+"""The conversation: one per customer at a time, across every channel.
+
+States: open -> pending -> resolved. A customer writing to a pending conversation opens it
+again; writing to a resolved one reopens it (within the reopen window, decided by the
+application). Auto-replies and bounces are recorded but change no state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from inbox.domain import ids
+from inbox.domain.errors import ConversationStateError
+
+OPEN, PENDING, RESOLVED = "open", "pending", "resolved"
+CUSTOMER = "customer"
+
+
+class Conversation(Aggregate):
+    class Opened(Aggregate.Created):
+        class_version = 1
+        customer_id: str
+        channel: str
+        queue: str | None
+        previous: str | None
+        source_event_id: str | None
+        at: str
+
+    class MessageReceived(Aggregate.Event):
+        class_version = 1
+        channel: str
+        message_id: str | None
+        text: str
+        subject: str | None
+        html: str | None
+        attachments: list[dict[str, Any]]
+        thread_ref: str | None
+        in_reply_to: list[str]
+        automatic: bool
+        source_event_id: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            if not self.automatic:
+                aggregate.inbound_count += 1
+                aggregate.last_inbound_channel = self.channel
+                if aggregate.status == PENDING:
+                    aggregate.status = OPEN
+                if aggregate.waiting_since is None:
+                    aggregate.waiting_since = self.at
+
+    class ActivityRecorded(Aggregate.Event):
+        """A call leg, IVR step, callback request or chat start/end, as the channel saw it."""
+
+        class_version = 1
+        activity: str
+        channel: str
+        data: dict[str, Any]
+        source_event_id: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            if self.activity in ("call.started", "chat.started"):
+                aggregate.inbound_count += 1
+                aggregate.last_inbound_channel = self.channel
+                if aggregate.status == PENDING:
+                    aggregate.status = OPEN
+                if aggregate.waiting_since is None:
+                    aggregate.waiting_since = self.at
+            elif self.activity == "call.answered":
+                aggregate.waiting_since = None
+
+    class DeliveryStatusRecorded(Aggregate.Event):
+        class_version = 1
+        channel: str
+        message_id: str
+        status: str
+        error: str | None
+        source_event_id: str
+        at: str
+
+    class CsatSubmitted(Aggregate.Event):
+        class_version = 1
+        channel: str
+        score: int
+        comment: str | None
+        source_event_id: str
+        at: str
+
+    class NoteAdded(Aggregate.Event):
+        class_version = 1
+        text: str
+        actor: str
+        at: str
+
+    class ReplyQueued(Aggregate.Event):
+        class_version = 1
+        message_id: str
+        channel: str
+        text: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.waiting_since = None
+
+    class Assigned(Aggregate.Event):
+        class_version = 1
+        agent: str | None
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.assignee = self.agent
+
+    class Transferred(Aggregate.Event):
+        class_version = 1
+        queue: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.queue = self.queue
+            aggregate.assignee = None
+
+    class Escalated(Aggregate.Event):
+        class_version = 1
+        reason: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.escalated = True
+
+    class MarkedPending(Aggregate.Event):
+        class_version = 1
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = PENDING
+
+    class Resolved(Aggregate.Event):
+        class_version = 1
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = RESOLVED
+            aggregate.resolved_at = self.at
+            aggregate.waiting_since = None
+
+    class Reopened(Aggregate.Event):
+        class_version = 1
+        reason: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = OPEN
+            aggregate.resolved_at = None
+            aggregate.reopen_count += 1
+
+    @staticmethod
+    def create_id(customer_id: str, source_event_id: str | None) -> UUID:
+        if source_event_id is None:
+            raise ValueError("a conversation is named after the event that opened it")
+        return ids.conversation_id(customer_id, source_event_id)
+
+    def __init__(
+        self,
+        customer_id: str,
+        channel: str,
+        queue: str | None,
+        previous: str | None,
+        source_event_id: str | None,
+        at: str,
+    ) -> None:
+        self.customer_id = customer_id
+        self.channel = channel
+        self.queue = queue
+        self.status = OPEN
+        self.assignee: str | None = None
+        self.escalated = False
+        self.resolved_at: str | None = None
+        self.waiting_since: str | None = None
+        self.last_inbound_channel: str | None = None
+        self.inbound_count = 0
+        self.reopen_count = 0
+
+    # -- what the customer did (from contact events) --------------------------------------
+
+    def receive_message(self, *, automatic: bool, at: str, **fields: Any) -> None:
+        if self.status == RESOLVED and not automatic:
+            self.trigger_event(self.Reopened, reason="customer wrote again", actor=CUSTOMER, at=at)
+        self.trigger_event(self.MessageReceived, automatic=automatic, at=at, **fields)
+
+    def record_activity(self, activity: str, *, at: str, **fields: Any) -> None:
+        if self.status == RESOLVED and activity in ("call.started", "chat.started"):
+            self.trigger_event(self.Reopened, reason=f"customer {activity}", actor=CUSTOMER, at=at)
+        self.trigger_event(self.ActivityRecorded, activity=activity, at=at, **fields)
+
+    def record_delivery(self, **fields: Any) -> None:
+        self.trigger_event(self.DeliveryStatusRecorded, **fields)
+
+    def record_csat(self, **fields: Any) -> None:
+        self.trigger_event(self.CsatSubmitted, **fields)
+
+    # -- what agents do (commands) --------------------------------------------------------
+
+    def add_note(self, text: str, *, actor: str, at: str) -> None:
+        if not text.strip():
+            raise ConversationStateError("a note needs text")
+        self.trigger_event(self.NoteAdded, text=text, actor=actor, at=at)
+
+    def queue_reply(self, message_id: str, channel: str, text: str, *, actor: str, at: str) -> None:
+        if not text.strip():
+            raise ConversationStateError("a reply needs text")
+        self.trigger_event(
+            self.ReplyQueued, message_id=message_id, channel=channel, text=text, actor=actor, at=at
+        )
+
+    def assign(self, agent: str | None, *, actor: str, at: str) -> None:
+        if self.status == RESOLVED:
+            raise ConversationStateError("a resolved conversation cannot be assigned")
+        if agent == self.assignee:
+            raise ConversationStateError(f"already assigned to {agent}")
+        self.trigger_event(self.Assigned, agent=agent, actor=actor, at=at)
+
+    def transfer(self, queue: str, *, actor: str, at: str) -> None:
+        if self.status == RESOLVED:
+            raise ConversationStateError("a resolved conversation cannot be transferred")
+        if queue == self.queue:
+            raise ConversationStateError(f"already in queue {queue}")
+        self.trigger_event(self.Transferred, queue=queue, actor=actor, at=at)
+
+    def escalate(self, reason: str, *, actor: str, at: str) -> None:
+        if self.status == RESOLVED:
+            raise ConversationStateError("a resolved conversation cannot be escalated")
+        if self.escalated:
+            raise ConversationStateError("already escalated")
+        self.trigger_event(self.Escalated, reason=reason, actor=actor, at=at)
+
+    def mark_pending(self, *, actor: str, at: str) -> None:
+        if self.status != OPEN:
+            raise ConversationStateError(f"only an open conversation can wait; it is {self.status}")
+        self.trigger_event(self.MarkedPending, actor=actor, at=at)
+
+    def resolve(self, *, actor: str, at: str) -> None:
+        if self.status == RESOLVED:
+            raise ConversationStateError("already resolved")
+        self.trigger_event(self.Resolved, actor=actor, at=at)
+
+    def reopen(self, *, actor: str, at: str, reason: str = "reopened by agent") -> None:
+        if self.status != RESOLVED:
+            raise ConversationStateError(
+                f"only a resolved conversation can reopen; it is {self.status}"
+            )
+        self.trigger_event(self.Reopened, reason=reason, actor=actor, at=at)

@@ -1,0 +1,198 @@
+"""The customer: every identity we know them by, and their conversations.
+
+Identity ownership lives in one `IdentityClaim` aggregate per identity key, so that two
+workers racing to register the same email or phone collide on the claim's first version
+(the store refuses one) instead of creating two customers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from inbox.domain import ids
+from inbox.domain.errors import CustomerMergeError
+
+
+class IdentityClaim(Aggregate):
+    """Which customer an identity key (`email:...`, `phone:...`) belongs to."""
+
+    class Claimed(Aggregate.Created):
+        class_version = 1
+        key: str
+        customer_id: str
+        at: str
+
+    class Reassigned(Aggregate.Event):
+        class_version = 1
+        customer_id: str
+        reason: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.customer_id = self.customer_id
+
+    @staticmethod
+    def create_id(key: str) -> UUID:
+        return ids.claim_id(key)
+
+    def __init__(self, key: str, customer_id: str, at: str) -> None:
+        self.key = key
+        self.customer_id = customer_id
+
+    def reassign(self, customer_id: str, *, reason: str, actor: str, at: str) -> None:
+        if customer_id != self.customer_id:
+            self.trigger_event(
+                self.Reassigned, customer_id=customer_id, reason=reason, actor=actor, at=at
+            )
+
+
+class Customer(Aggregate):
+    class Registered(Aggregate.Created):
+        class_version = 1
+        identities: list[str]
+        name: str | None
+        at: str
+
+    class IdentityAdded(Aggregate.Event):
+        class_version = 1
+        identity: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.identities.append(self.identity)
+
+    class NameLearned(Aggregate.Event):
+        class_version = 1
+        name: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.name = self.name
+
+    class ConversationStarted(Aggregate.Event):
+        class_version = 1
+        conversation_id: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.conversations.append(self.conversation_id)
+
+    class Merged(Aggregate.Event):
+        """This customer absorbed `other`: its identities and conversations are now ours."""
+
+        class_version = 1
+        other: str
+        identities: list[str]
+        conversations: list[str]
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.absorbed[self.other] = (list(self.identities), list(self.conversations))
+            aggregate.identities.extend(self.identities)
+            # Ours stay current: the absorbed ones become earlier conversations.
+            aggregate.conversations[:0] = self.conversations
+
+    class MergedInto(Aggregate.Event):
+        class_version = 1
+        target: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.merged_into = self.target
+
+    class MergeUndone(Aggregate.Event):
+        """`other`, absorbed earlier, is separate again with what it brought."""
+
+        class_version = 1
+        other: str
+        identities: list[str]
+        conversations: list[str]
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            del aggregate.absorbed[self.other]
+            aggregate.identities = [i for i in aggregate.identities if i not in self.identities]
+            gone = set(self.conversations)
+            aggregate.conversations = [c for c in aggregate.conversations if c not in gone]
+
+    class Restored(Aggregate.Event):
+        class_version = 1
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.merged_into = None
+
+    @staticmethod
+    def create_id(identities: list[str]) -> UUID:
+        return ids.customer_id(identities[0])
+
+    def __init__(self, identities: list[str], name: str | None, at: str) -> None:
+        self.identities = list(identities)
+        self.name = name
+        self.conversations: list[str] = []
+        self.merged_into: str | None = None
+        # other customer id -> (identities, conversations) it brought, so a merge can be undone.
+        self.absorbed: dict[str, tuple[list[str], list[str]]] = {}
+
+    @property
+    def current_conversation_id(self) -> str | None:
+        return self.conversations[-1] if self.conversations else None
+
+    def add_identity(self, identity: str, at: str) -> None:
+        if identity not in self.identities:
+            self.trigger_event(self.IdentityAdded, identity=identity, at=at)
+
+    def learn_name(self, name: str | None, at: str) -> None:
+        if name and not self.name:
+            self.trigger_event(self.NameLearned, name=name, at=at)
+
+    def start_conversation(self, conversation_id: UUID, at: str) -> None:
+        self.trigger_event(self.ConversationStarted, conversation_id=str(conversation_id), at=at)
+
+    def absorb(self, other: Customer, *, actor: str, at: str) -> None:
+        """Merge `other` into this customer; `other` must record `merged_into` in turn."""
+        if other.id == self.id:
+            raise CustomerMergeError("a customer cannot be merged with itself")
+        if self.merged_into is not None or other.merged_into is not None:
+            raise CustomerMergeError("a customer that was merged into another cannot merge")
+        self.trigger_event(
+            self.Merged,
+            other=str(other.id),
+            identities=list(other.identities),
+            conversations=list(other.conversations),
+            actor=actor,
+            at=at,
+        )
+        other.trigger_event(other.MergedInto, target=str(self.id), actor=actor, at=at)
+
+    def absorbed_from(self, identity: str) -> str | None:
+        """The customer a merge brought `identity` from, if any."""
+        for other, (identities, _) in self.absorbed.items():
+            if identity in identities:
+                return other
+        return None
+
+    def undo_merge(self, other: Customer, *, actor: str, at: str) -> list[str]:
+        """Separates `other` again; returns the identities that go back to it."""
+        key = str(other.id)
+        if key not in self.absorbed or other.merged_into != str(self.id):
+            raise CustomerMergeError("that customer was not merged into this one")
+        identities, conversations = self.absorbed[key]
+        self.trigger_event(
+            self.MergeUndone,
+            other=key,
+            identities=identities,
+            conversations=conversations,
+            actor=actor,
+            at=at,
+        )
+        other.trigger_event(other.Restored, actor=actor, at=at)
+        return identities

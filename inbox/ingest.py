@@ -1,0 +1,292 @@
+"""Ingest: contact events -> customer -> conversation -> domain events, a batch at a time.
+
+A batch's domain events, the ids of the contact events it took in and its Kafka position are
+recorded in one transaction (`EventStorePort.record`), so every record takes effect exactly
+once. Aggregates stay in an in-memory cache between batches; when another writer changed one
+of them first, the store refuses the batch (IntegrityError), the batch's aggregates are
+dropped from the cache and the batch is decided again from fresh state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import CanMutateAggregate
+from eventsourcing.persistence import IntegrityError, Tracking
+
+from inbox.contact import ContactEvent
+from inbox.domain import ids
+from inbox.domain.conversation import RESOLVED, Conversation
+from inbox.domain.customer import Customer, IdentityClaim
+from inbox.domain.time import iso, parse_iso
+from inbox.ports import ContactEventSource, EventStorePort
+
+log = logging.getLogger(__name__)
+
+# A customer writing again within this long after a resolution reopens the conversation;
+# later, they start a new one (the old one stays reachable as `previous`).
+REOPEN_WINDOW = timedelta(days=7)
+# Events about an existing exchange never open a conversation of their own.
+_FOLLOW_UP_TYPES = frozenset({"delivery.status", "csat.submitted"})
+_AUTOMATIC_MARKER = "auto_submitted"
+
+
+class AggregateCache:
+    """Aggregates by id, bounded so the worker's memory is too: the oldest entries go first
+    (cheaper than LRU bookkeeping on every hit; an evicted aggregate is just read again)."""
+
+    def __init__(self, limit: int = 400_000) -> None:
+        self._items: dict[UUID, Any] = {}
+        self._limit = limit
+
+    def get(self, key: UUID) -> Any:
+        return self._items.get(key)
+
+    def put(self, key: UUID, aggregate: Any) -> None:
+        self._items[key] = aggregate
+        if len(self._items) > self._limit:
+            for old in list(itertools.islice(self._items, len(self._items) - self._limit)):
+                del self._items[old]
+
+    def discard(self, keys: Sequence[UUID]) -> None:
+        for key in keys:
+            self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class _UnitOfWork:
+    """The aggregates one batch touched and the events they recorded, in order."""
+
+    store: EventStorePort
+    cache: AggregateCache
+    # Ids known to have no events yet: looked up for the whole batch in one query.
+    absent: set[UUID] = field(default_factory=set)
+    touched: dict[UUID, Any] = field(default_factory=dict)
+    cached: set[UUID] = field(default_factory=set)
+    events: list[CanMutateAggregate[UUID]] = field(default_factory=list)
+    _recent: list[Any] = field(default_factory=list)
+
+    def get(self, aggregate_id: UUID) -> Any:
+        aggregate = self.touched.get(aggregate_id)
+        if aggregate is None:
+            aggregate = self.cache.get(aggregate_id)
+            if aggregate is not None:
+                self.cached.add(aggregate_id)
+            elif aggregate_id not in self.absent:
+                aggregate = self.store.get(aggregate_id)
+            if aggregate is not None:
+                self.touched[aggregate_id] = aggregate
+        if aggregate is not None:
+            self._recent.append(aggregate)
+        return aggregate
+
+    def add(self, aggregate: Any) -> Any:
+        self.touched[aggregate.id] = aggregate
+        self.absent.discard(aggregate.id)
+        self._recent.append(aggregate)
+        return aggregate
+
+    def collect(self) -> None:
+        """Moves the events of the aggregates used since the last call, in trigger order
+        per aggregate and in first-use order across them."""
+        for aggregate in self._recent:
+            pending = aggregate.pending_events
+            if pending:
+                self.events.extend(pending)
+                pending.clear()
+        self._recent.clear()
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    stored: int  # contact events that took effect
+    duplicates: int  # contact events already taken in earlier (same event_id)
+    domain_events: int
+    notification_ids: Sequence[int]
+    skipped: bool = False  # the batch's position was already recorded by another worker
+
+
+class Ingestor:
+    def __init__(self, store: EventStorePort, *, cache: AggregateCache | None = None) -> None:
+        self.store = store
+        self.cache = cache or AggregateCache()
+
+    def apply_batch(
+        self,
+        batch: Sequence[tuple[ContactEvent, ContactEventSource]],
+        tracking: Tracking,
+        *,
+        attempts: int = 5,
+    ) -> BatchOutcome:
+        """Applies the batch and records it with its position; retries on write conflicts."""
+        for attempt in range(1, attempts + 1):
+            done = self.store.position(tracking.application_name)
+            if done is not None and done >= tracking.notification_id:
+                return BatchOutcome(0, 0, 0, (), skipped=True)
+            uow = _UnitOfWork(self.store, self.cache)
+            try:
+                outcome = self._apply(uow, batch, tracking)
+            except IntegrityError:
+                self.cache.discard(list(uow.touched))
+                log.info("write conflict on %s, attempt %d", tracking.application_name, attempt)
+                continue
+            except BaseException:
+                # Cached aggregates were changed in place by a batch that did not land.
+                self.cache.discard(list(uow.touched))
+                raise
+            for key, aggregate in uow.touched.items():
+                if key not in uow.cached:
+                    self.cache.put(key, aggregate)
+            return outcome
+        raise IntegrityError(f"{tracking.application_name}: {attempts} write conflicts in a row")
+
+    def _apply(
+        self,
+        uow: _UnitOfWork,
+        batch: Sequence[tuple[ContactEvent, ContactEventSource]],
+        tracking: Tracking,
+    ) -> BatchOutcome:
+        seen = self.store.seen_event_ids([event.event_id for event, _ in batch])
+        claim_ids = {
+            ids.claim_id(key)
+            for event, _ in batch
+            if event.event_id not in seen
+            for key in event.identity_keys()
+        }
+        unknown = [i for i in claim_ids if self.cache.get(i) is None]
+        uow.absent.update(set(unknown) - self.store.existing_ids(unknown))
+        sources: list[ContactEventSource] = []
+        for event, source in batch:
+            if event.event_id in seen:
+                continue
+            seen.add(event.event_id)
+            apply_contact_event(uow, event)
+            uow.collect()
+            sources.append(source)
+        notification_ids = self.store.record(uow.events, tracking=tracking, contact_events=sources)
+        return BatchOutcome(
+            stored=len(sources),
+            duplicates=len(batch) - len(sources),
+            domain_events=len(uow.events),
+            notification_ids=notification_ids,
+        )
+
+
+def apply_contact_event(uow: _UnitOfWork, event: ContactEvent) -> None:
+    """The decisions for one contact event: who it is from and which conversation it joins."""
+    at = iso(event.occurred_at)
+    customer = _resolve_customer(uow, event, at)
+    conversation = _current_conversation(uow, customer, event, at)
+    _record(conversation, event, at)
+
+
+def _resolve_customer(uow: _UnitOfWork, event: ContactEvent, at: str) -> Customer:
+    keys = event.identity_keys()
+    claims: list[IdentityClaim | None] = [uow.get(ids.claim_id(key)) for key in keys]
+    owner = next((claim.customer_id for claim in claims if claim is not None), None)
+    customer: Customer | None = None
+    if owner is not None:
+        customer = uow.get(UUID(owner))
+        # A claim always points at the surviving customer, but follow a merge regardless.
+        while customer is not None and customer.merged_into is not None:
+            customer = uow.get(UUID(customer.merged_into))
+    if customer is None:
+        customer = uow.add(Customer(identities=keys, name=event.customer.name, at=at))
+    for key, claim in zip(keys, claims, strict=True):
+        if claim is None:
+            uow.add(IdentityClaim(key=key, customer_id=str(customer.id), at=at))
+            customer.add_identity(key, at)
+        # An identity that already belongs to another customer stays theirs: joining two
+        # customers is an agent's decision (merge), never a guess.
+    customer.learn_name(event.customer.name, at)
+    return customer
+
+
+def _current_conversation(
+    uow: _UnitOfWork, customer: Customer, event: ContactEvent, at: str
+) -> Conversation:
+    current_id = customer.current_conversation_id
+    conversation: Conversation | None = None
+    if current_id is not None:
+        conversation = uow.get(UUID(current_id))
+    if conversation is not None and not _starts_new_conversation(conversation, event):
+        return conversation
+    opened: Conversation = uow.add(
+        Conversation(
+            customer_id=str(customer.id),
+            channel=event.channel,
+            queue=None,
+            previous=current_id,
+            source_event_id=event.event_id,
+            at=at,
+        )
+    )
+    customer.start_conversation(opened.id, at)
+    return opened
+
+
+def _starts_new_conversation(conversation: Conversation, event: ContactEvent) -> bool:
+    if conversation.status != RESOLVED or event.type in _FOLLOW_UP_TYPES:
+        return False
+    if conversation.resolved_at is None:
+        return False
+    return event.occurred_at - parse_iso(conversation.resolved_at) > REOPEN_WINDOW
+
+
+def _record(conversation: Conversation, event: ContactEvent, at: str) -> None:
+    payload = event.payload
+    if event.type == "message.received":
+        conversation.receive_message(
+            channel=event.channel,
+            message_id=_str_or_none(payload.get("message_id")),
+            text=str(payload.get("text") or ""),
+            subject=_str_or_none(payload.get("subject")),
+            html=_str_or_none(payload.get("html")),
+            attachments=list(payload.get("attachments") or []),
+            thread_ref=event.thread.ref,
+            in_reply_to=list(event.thread.in_reply_to),
+            automatic=bool(payload.get(_AUTOMATIC_MARKER, False)),
+            source_event_id=event.event_id,
+            at=at,
+        )
+    elif event.type == "delivery.status":
+        conversation.record_delivery(
+            channel=event.channel,
+            message_id=str(payload["message_id"]),
+            status=str(payload["status"]),
+            error=_str_or_none(payload.get("error")),
+            source_event_id=event.event_id,
+            at=at,
+        )
+    elif event.type == "csat.submitted":
+        conversation.record_csat(
+            channel=event.channel,
+            score=int(payload["score"]),
+            comment=_str_or_none(payload.get("comment")),
+            source_event_id=event.event_id,
+            at=at,
+        )
+    else:
+        conversation.record_activity(
+            event.type,
+            channel=event.channel,
+            data=dict(payload),
+            source_event_id=event.event_id,
+            at=at,
+        )
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)

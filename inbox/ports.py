@@ -1,0 +1,49 @@
+"""Ports the application owns; infra/ implements them for SQLite, PostgreSQL and Kafka."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+from uuid import UUID
+
+from eventsourcing.domain import CanMutateAggregate
+from eventsourcing.persistence import Notification, Tracking
+
+
+class ContactEventSource(Protocol):
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+class EventStorePort(Protocol):
+    def get(self, aggregate_id: UUID) -> Any: ...
+
+    def events_of(self, aggregate_id: UUID) -> list[CanMutateAggregate[UUID]]: ...
+
+    def record(
+        self,
+        events: Iterable[CanMutateAggregate[UUID]],
+        *,
+        tracking: Tracking | None = None,
+        contact_events: Sequence[Any] = (),
+    ) -> Sequence[int]: ...
+
+    def save(self, *aggregates: Any) -> Sequence[int]: ...
+
+    def notifications(self, after: int, limit: int) -> Sequence[Notification]: ...
+
+    def max_notification_id(self) -> int: ...
+
+    def position(self, name: str) -> int | None: ...
+
+    def seen_event_ids(self, event_ids: Sequence[str]) -> set[str]: ...
+
+    def existing_ids(self, aggregate_ids: Sequence[UUID]) -> set[UUID]: ...
+
+
+class Publisher(Protocol):
+    """Produces contact events to Kafka; returns once the broker acknowledged."""
+
+    async def publish(self, key: str, value: bytes) -> None: ...

@@ -1,0 +1,303 @@
+"""The event store: eventsourcing's SQLite or PostgreSQL process recorder, extended with the
+table of contact events already taken in, written in the same transaction as the domain
+events and the Kafka position they came from."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, cast
+from urllib.parse import unquote, urlparse
+from uuid import UUID
+
+import orjson
+from eventsourcing.domain import BaseAggregate, CanMutateAggregate
+from eventsourcing.persistence import (
+    Mapper,
+    Notification,
+    ProcessRecorder,
+    StoredEvent,
+    Tracking,
+    Transcoder,
+)
+from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
+from eventsourcing.sqlite import (
+    SQLiteConnection,
+    SQLiteConnectionPool,
+    SQLiteCursor,
+    SQLiteDatastore,
+    SQLiteProcessRecorder,
+)
+from psycopg import Cursor
+from psycopg.rows import DictRow
+
+from infra.settings import Settings
+
+DomainEvent = CanMutateAggregate[UUID]
+Aggregate = BaseAggregate[UUID]
+
+
+class OrjsonTranscoder(Transcoder):
+    """Event state as plain JSON. Events hold only JSON types besides their `timestamp`, so
+    projections can read the stored state without the domain classes."""
+
+    def encode(self, obj: Any) -> bytes:
+        return orjson.dumps(obj)
+
+    def decode(self, data: bytes) -> Any:
+        state = orjson.loads(data)
+        if isinstance(state, dict) and "timestamp" in state:
+            state["timestamp"] = datetime.fromisoformat(state["timestamp"])
+        return state
+
+
+@dataclass(frozen=True)
+class ContactEventRow:
+    """A contact event taken in: its id and the Kafka position it was read from."""
+
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+class IngestRecorder(Protocol):
+    """What the ingest worker needs of a recorder beyond eventsourcing's ProcessRecorder."""
+
+    def seen_event_ids(self, event_ids: Sequence[str]) -> set[str]: ...
+
+    def existing_ids(self, aggregate_ids: Sequence[UUID]) -> set[UUID]: ...
+
+    def contact_event_source(self, event_id: str) -> ContactEventRow | None: ...
+
+    def count_contact_events(self) -> int: ...
+
+
+class _WalNormalPool(SQLiteConnectionPool):
+    """WAL with synchronous=NORMAL: a power cut may lose the last commits, but a batch's
+    events and its Kafka position are lost together, so Kafka redelivers them: nothing is
+    lost or doubled, and each commit skips an fsync."""
+
+    def _create_connection(self) -> SQLiteConnection:
+        connection = super()._create_connection()
+        sqlite = connection._sqlite_conn
+        sqlite.execute("PRAGMA synchronous=NORMAL")
+        # Random aggregate ids spread each batch over many pages: a larger page cache and
+        # rarer checkpoints keep a batch's commit from rewriting them every time.
+        sqlite.execute("PRAGMA cache_size=-65536")
+        sqlite.execute("PRAGMA wal_autocheckpoint=16384")
+        return connection
+
+
+class SQLiteStoreDatastore(SQLiteDatastore):
+    def __init__(self, db_name: str, *, lock_timeout: int = 30) -> None:
+        super().__init__(db_name, lock_timeout=lock_timeout)
+        self.pool = _WalNormalPool(db_name=db_name, lock_timeout=lock_timeout, max_overflow=10)
+
+
+class SQLiteIngestRecorder(SQLiteProcessRecorder):
+    def construct_create_table_statements(self) -> list[str]:
+        return [
+            *super().construct_create_table_statements(),
+            "CREATE TABLE IF NOT EXISTS contact_events ("
+            "event_id TEXT PRIMARY KEY, topic TEXT, partition INTEGER, "
+            "kafka_offset INTEGER) WITHOUT ROWID",
+        ]
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        returning = super()._insert_events(c, stored_events, **kwargs)
+        rows: Sequence[ContactEventRow] = kwargs.get("contact_events", ())
+        if rows:
+            c.executemany(
+                "INSERT INTO contact_events VALUES (?,?,?,?)",
+                [(r.event_id, r.topic, r.partition, r.offset) for r in rows],
+            )
+        return returning
+
+    def seen_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        seen: set[str] = set()
+        with self.datastore.transaction(commit=False) as c:
+            for start in range(0, len(event_ids), 500):
+                chunk = event_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                c.execute(f"SELECT event_id FROM contact_events WHERE event_id IN ({marks})", chunk)
+                seen.update(row[0] for row in c.fetchall())
+        return seen
+
+    def existing_ids(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        found: set[UUID] = set()
+        with self.datastore.transaction(commit=False) as c:
+            for start in range(0, len(aggregate_ids), 500):
+                chunk = [i.hex for i in aggregate_ids[start : start + 500]]
+                marks = ",".join("?" * len(chunk))
+                c.execute(
+                    "SELECT DISTINCT originator_id FROM stored_events "
+                    f"WHERE originator_id IN ({marks}) AND originator_version=1",
+                    chunk,
+                )
+                found.update(UUID(row[0]) for row in c.fetchall())
+        return found
+
+    def contact_event_source(self, event_id: str) -> ContactEventRow | None:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute("SELECT * FROM contact_events WHERE event_id=?", (event_id,))
+            row = c.fetchone()
+        return None if row is None else ContactEventRow(row[0], row[1], row[2], row[3])
+
+    def count_contact_events(self) -> int:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute("SELECT COUNT(*) FROM contact_events")
+            return int(c.fetchone()[0])
+
+
+class PostgresIngestRecorder(PostgresProcessRecorder):
+    contact_events_table = "inbox_contact_events"
+
+    def create_table(self) -> None:
+        super().create_table()
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.contact_events_table} ("
+                "event_id TEXT PRIMARY KEY, topic TEXT, partition INTEGER, kafka_offset BIGINT)"
+            )
+
+    def _insert_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        super()._insert_events(curs, stored_events, **kwargs)
+        rows: Sequence[ContactEventRow] = kwargs.get("contact_events", ())
+        if rows:
+            curs.executemany(
+                f"INSERT INTO {self.contact_events_table} VALUES (%s,%s,%s,%s)",
+                [(r.event_id, r.topic, r.partition, r.offset) for r in rows],
+            )
+
+    def seen_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                f"SELECT event_id FROM {self.contact_events_table} WHERE event_id = ANY(%s)",
+                (list(event_ids),),
+            )
+            return {row["event_id"] for row in curs.fetchall()}
+
+    def existing_ids(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                f"SELECT originator_id FROM {self.events_table_name} "
+                "WHERE originator_id = ANY(%s) AND originator_version=1",
+                (list(aggregate_ids),),
+            )
+            return {UUID(str(row["originator_id"])) for row in curs.fetchall()}
+
+    def contact_event_source(self, event_id: str) -> ContactEventRow | None:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                f"SELECT * FROM {self.contact_events_table} WHERE event_id=%s", (event_id,)
+            )
+            row = curs.fetchone()
+        if row is None:
+            return None
+        return ContactEventRow(row["event_id"], row["topic"], row["partition"], row["kafka_offset"])
+
+    def count_contact_events(self) -> int:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(f"SELECT COUNT(*) AS n FROM {self.contact_events_table}")
+            row = curs.fetchone()
+            assert row is not None
+            return int(row["n"])
+
+
+class EventStore:
+    """The system of record. Synchronous (eventsourcing is); call it from a thread in asyncio."""
+
+    def __init__(self, recorder: ProcessRecorder, datastore: SQLiteDatastore | PostgresDatastore):
+        self.recorder = recorder
+        self.datastore = datastore
+        self.mapper: Mapper[UUID] = Mapper(OrjsonTranscoder())
+
+    @property
+    def ingest(self) -> IngestRecorder:
+        return cast(IngestRecorder, self.recorder)
+
+    def get(self, aggregate_id: UUID) -> Any:
+        """The aggregate rebuilt from its events, or None when it has none."""
+        aggregate: Aggregate | None = None
+        for stored in self.recorder.select_events(aggregate_id):
+            event = cast(DomainEvent, self.mapper.to_domain_event(stored))
+            aggregate = event.mutate(aggregate)
+        return aggregate
+
+    def events_of(self, aggregate_id: UUID) -> list[DomainEvent]:
+        return [
+            cast(DomainEvent, self.mapper.to_domain_event(s))
+            for s in self.recorder.select_events(aggregate_id)
+        ]
+
+    def record(
+        self,
+        events: Iterable[DomainEvent],
+        *,
+        tracking: Tracking | None = None,
+        contact_events: Sequence[ContactEventRow] = (),
+    ) -> Sequence[int]:
+        """Writes events, tracking and contact-event ids in one transaction.
+
+        Raises eventsourcing's IntegrityError when another writer got there first (a version
+        already taken, a Kafka position already recorded, a contact event already taken in)."""
+        stored = [self.mapper.to_stored_event(e) for e in events]
+        ids = self.recorder.insert_events(stored, tracking=tracking, contact_events=contact_events)
+        return ids or []
+
+    def save(self, *aggregates: Aggregate) -> Sequence[int]:
+        events: list[DomainEvent] = []
+        for aggregate in aggregates:
+            events.extend(aggregate.collect_events())
+        return self.record(events)
+
+    def notifications(self, after: int, limit: int) -> Sequence[Notification]:
+        return self.recorder.select_notifications(after, limit, inclusive_of_start=False)
+
+    def max_notification_id(self) -> int:
+        return self.recorder.max_notification_id() or 0
+
+    def position(self, name: str) -> int | None:
+        return self.recorder.max_tracking_id(name)
+
+    def seen_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        return self.ingest.seen_event_ids(event_ids) if event_ids else set()
+
+    def existing_ids(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        return self.ingest.existing_ids(aggregate_ids) if aggregate_ids else set()
+
+    def close(self) -> None:
+        self.datastore.close()
+
+
+def open_event_store(settings: Settings) -> EventStore:
+    """SQLite in the data directory, or PostgreSQL when INBOX_DATABASE_URL says so."""
+    if settings.is_postgres:
+        url = urlparse(settings.database_url)
+        pg = PostgresDatastore(
+            dbname=url.path.lstrip("/"),
+            host=url.hostname or "127.0.0.1",
+            port=url.port or 5432,
+            user=unquote(url.username or "postgres"),
+            password=unquote(url.password or ""),
+            pool_size=4,
+            max_overflow=4,
+            lock_timeout=10,
+        )
+        pg_recorder = PostgresIngestRecorder(
+            pg, events_table_name="inbox_events", tracking_table_name="inbox_tracking"
+        )
+        pg_recorder.create_table()
+        return EventStore(pg_recorder, pg)
+    path = settings.sqlite_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sqlite = SQLiteStoreDatastore(str(path))
+    sqlite_recorder = SQLiteIngestRecorder(sqlite)
+    sqlite_recorder.create_table()
+    return EventStore(sqlite_recorder, sqlite)
