@@ -11,10 +11,19 @@ from eventsourcing.persistence import Notification, Tracking
 
 
 class ContactEventSource(Protocol):
-    event_id: str
-    topic: str
-    partition: int
-    offset: int
+    """Where a contact event was read: recorded with the domain events it caused."""
+
+    @property
+    def event_id(self) -> str: ...
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
 
 
 class EventStorePort(Protocol):

@@ -1,0 +1,210 @@
+"""The ingest worker: contact-events from Kafka into the event store, a batch at a time.
+
+The event store, not Kafka, holds the truth about what was taken in: each partition's next
+offset is recorded with the batch's domain events, and on every assignment the consumer seeks
+to it. Kafka offsets are committed too, only so that lag shows in Kafka's own tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from eventsourcing.persistence import PersistenceError, Tracking
+
+from inbox import telemetry
+from inbox.contact import ContactEvent, InvalidContactEvent, parse_contact_event
+from inbox.domain.time import Clock, system_clock
+from inbox.ingest import Ingestor
+from infra.kafka import make_consumer, make_producer
+from infra.settings import CONTACT_EVENTS_TOPIC, DEAD_LETTER_TOPIC
+from infra.store import ContactEventRow, EventStore
+
+log = logging.getLogger(__name__)
+
+
+def position_name(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+@dataclass
+class WorkerConfig:
+    bootstrap: str
+    group_id: str = "inbox-ingest"
+    topic: str = CONTACT_EVENTS_TOPIC
+    dead_letter_topic: str = DEAD_LETTER_TOPIC
+    idempotence: bool = False
+    max_records: int = 5000
+    retry_delay: float = 1.0
+    consumer_overrides: dict[str, Any] = field(
+        # A restarted worker rejoins its group after about 1.8 x the session timeout on the
+        # embedded broker (docs/kafka.md); short timeouts keep a restart quick.
+        default_factory=lambda: {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500}
+    )
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: IngestWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # Another worker may now change these customers: forget what we cached.
+        self.worker.ingestor.cache.clear()
+        for tp in revoked:
+            self.worker.positions.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self.worker.seek_to_stored(assigned)
+
+
+class IngestWorker:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        store: EventStore,
+        *,
+        ingestor: Ingestor | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.ingestor = ingestor or Ingestor(store)
+        self.clock = clock
+        self.positions: dict[TopicPartition, int] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self.ready = asyncio.Event()
+
+    async def seek_to_stored(self, assigned: Sequence[TopicPartition]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        for tp in assigned:
+            stored = await asyncio.to_thread(
+                self.store.position, position_name(tp.topic, tp.partition)
+            )
+            if stored is None:
+                # Nothing taken in from this partition yet: everything Kafka still holds.
+                consumer.seek_to_beginning(tp)
+                self.positions[tp] = 0
+            else:
+                consumer.seek(tp, stored)
+                self.positions[tp] = stored
+        self.ready.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = self.config
+        producer = make_producer(config.bootstrap, idempotence=config.idempotence)
+        consumer = make_consumer(config.bootstrap, config.group_id, **config.consumer_overrides)
+        self._consumer = consumer
+        consumer.subscribe([config.topic], listener=_Rebalance(self))
+        await producer.start()
+        try:
+            async with consumer:
+                while not stop.is_set():
+                    batches = await consumer.getmany(timeout_ms=200, max_records=config.max_records)
+                    for tp, records in batches.items():
+                        await self._take_in(consumer, producer, tp, records, stop)
+                    self._update_lag(consumer)
+        finally:
+            self._consumer = None
+            await producer.stop()
+
+    async def _take_in(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: Any,
+        tp: TopicPartition,
+        records: Sequence[Any],
+        stop: asyncio.Event,
+    ) -> None:
+        start = self.positions.get(tp, 0)
+        records = [r for r in records if r.offset >= start]
+        if not records:
+            return
+        telemetry.CONSUMED.inc(len(records))
+        now = self.clock()
+        valid: list[tuple[ContactEvent, ContactEventRow]] = []
+        dead: list[tuple[Any, str]] = []
+        for record in records:
+            try:
+                event = parse_contact_event(record.value, now=now)
+            except InvalidContactEvent as exc:
+                dead.append((record, str(exc)))
+                continue
+            valid.append(
+                (event, ContactEventRow(event.event_id, tp.topic, tp.partition, record.offset))
+            )
+        end = records[-1].offset + 1
+        tracking = Tracking(position_name(tp.topic, tp.partition), end)
+        while not stop.is_set():
+            try:
+                if dead:
+                    await self._dead_letter(producer, tp, dead)
+                outcome = await asyncio.to_thread(self.ingestor.apply_batch, valid, tracking)
+                break
+            except (KafkaError, PersistenceError, OSError, TimeoutError) as exc:
+                # The batch did not land: nothing of it is recorded, so try it again.
+                log.warning(
+                    "batch %s@%d failed, retrying: %r", tracking.application_name, start, exc
+                )
+                await asyncio.sleep(self.config.retry_delay)
+        else:
+            # Stopping: leave the batch to whoever gets the partition next.
+            consumer.seek(tp, start)
+            return
+        self.positions[tp] = end
+        if not outcome.skipped:
+            telemetry.STORED.inc(outcome.stored)
+            telemetry.DUPLICATES.inc(outcome.duplicates)
+            for _, reason in dead:
+                telemetry.DEAD_LETTERED.labels(telemetry.reason_label(reason)).inc()
+        try:
+            await consumer.commit({tp: end})
+        except KafkaError as exc:  # only informational: the store holds the position
+            log.info("could not commit offset %d on %s: %r", end, tp, exc)
+
+    async def _dead_letter(
+        self, producer: Any, tp: TopicPartition, dead: Sequence[tuple[Any, str]]
+    ) -> None:
+        """Waits for Kafka to acknowledge every dead letter before the batch is recorded. A
+        crash in between may send one twice; `source` tells a reader which ones repeat."""
+        futures = []
+        for record, reason in dead:
+            value = record.value or b""
+            try:
+                original: dict[str, str] = {"text": value.decode("utf-8")}
+            except UnicodeDecodeError:
+                original = {"base64": base64.b64encode(value).decode("ascii")}
+            letter = orjson.dumps(
+                {
+                    "reason": reason,
+                    "source": {
+                        "topic": tp.topic,
+                        "partition": tp.partition,
+                        "offset": record.offset,
+                    },
+                    "key": None if record.key is None else record.key.decode("utf-8", "replace"),
+                    "value": original,
+                }
+            )
+            futures.append(
+                await producer.send(
+                    self.config.dead_letter_topic,
+                    value=letter,
+                    key=record.key,
+                    headers=[("reason", reason.encode()[:1000])],
+                )
+            )
+        await asyncio.gather(*futures)
+
+    def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        for tp, position in self.positions.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                telemetry.CONSUMER_LAG.labels(str(tp.partition)).set(max(0, highwater - position))
