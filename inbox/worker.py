@@ -28,6 +28,7 @@ from infra.settings import CONTACT_EVENTS_TOPIC, DEAD_LETTER_TOPIC
 from infra.store import ContactEventRow, EventStore
 
 log = logging.getLogger(__name__)
+_DEAD_LETTER_KEEP = 64 * 1024
 
 
 def position_name(topic: str, partition: int) -> str:
@@ -90,7 +91,7 @@ class IngestWorker:
             )
             if stored is None:
                 # Nothing taken in from this partition yet: everything Kafka still holds.
-                consumer.seek_to_beginning(tp)
+                await consumer.seek_to_beginning(tp)
                 self.positions[tp] = 0
             else:
                 consumer.seek(tp, stored)
@@ -177,10 +178,13 @@ class IngestWorker:
         futures = []
         for record, reason in dead:
             value = record.value or b""
+            # The letter must fit where the record did not: keep the start of an oversized one.
+            kept = value[:_DEAD_LETTER_KEEP]
+            original: dict[str, Any] = {"size": len(value), "truncated": len(kept) < len(value)}
             try:
-                original: dict[str, str] = {"text": value.decode("utf-8")}
+                original["text"] = kept.decode("utf-8")
             except UnicodeDecodeError:
-                original = {"base64": base64.b64encode(value).decode("ascii")}
+                original["base64"] = base64.b64encode(kept).decode("ascii")
             letter = orjson.dumps(
                 {
                     "reason": reason,
