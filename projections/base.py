@@ -1,0 +1,42 @@
+"""What a projection is, and the decoded events it is given.
+
+A projection owns a few tables, named with its generation suffix (`inbox_conversations_g3`),
+and turns a batch of events into writes on them. It never commits and never touches its
+position: the runner writes rows and position in one transaction (see `tracking`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+from projections.db import Tx
+
+
+class Event(NamedTuple):
+    """One notification of the event store, decoded."""
+
+    notification_id: int
+    name: str  # "Conversation.MessageReceived": the topic after the module
+    originator_id: str
+    version: int
+    state: dict[str, Any]
+
+
+class Projection(Protocol):
+    name: str
+    # Event names (`Aggregate.Event`) the projection wants; others only move its position.
+    handles: frozenset[str]
+
+    def tables(self, generation: int) -> list[str]: ...
+
+    def create_tables(self, tx: Tx, generation: int) -> None: ...
+
+    def create_indexes(self, tx: Tx, generation: int) -> None:
+        """Secondary indexes: created with a live generation, at the end of a rebuild."""
+
+    def apply(self, tx: Tx, generation: int, events: Sequence[Event]) -> None: ...
+
+
+def table(name: str, generation: int) -> str:
+    return f"{name}_g{generation}"

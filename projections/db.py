@@ -1,0 +1,232 @@
+"""The read-model database: a SQLite file beside the event store, or the event store's own
+PostgreSQL database.
+
+One small API for every projection and for the HTTP API (which calls it from threads):
+
+    with db.transaction() as tx:        # a write transaction (SQLite: BEGIN IMMEDIATE)
+        tx.execute("UPDATE t SET a=? WHERE id=?", (1, "x"))
+    with db.read() as tx:               # a read-only snapshot
+        rows = tx.execute("SELECT a, b FROM t").fetchall()
+
+Placeholders are `?` on both backends (translated to `%s` for psycopg); rows are tuples.
+SQLite gets one connection per thread; PostgreSQL a small connection pool.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from infra.settings import Settings
+
+Row = tuple[Any, ...]
+Params = Sequence[Any]
+
+# Errors a caller may see when a concurrent writer or a dropped generation got in the way.
+DatabaseError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+IntegrityError: tuple[type[Exception], ...] = (sqlite3.IntegrityError, psycopg.IntegrityError)
+
+
+class Tx(Protocol):
+    """A cursor in a transaction: `?` placeholders, tuple rows."""
+
+    @property
+    def is_postgres(self) -> bool: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Params = ()) -> Tx: ...
+
+    def executemany(self, sql: str, params_seq: Sequence[Params]) -> None: ...
+
+    def fetchone(self) -> Row | None: ...
+
+    def fetchall(self) -> list[Row]: ...
+
+
+@lru_cache(maxsize=1024)
+def to_psycopg(sql: str) -> str:
+    """`?` placeholders to `%s`; a literal `%` doubled (queries always go with parameters)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _SQLiteTx:
+    is_postgres = False
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def execute(self, sql: str, params: Params = ()) -> _SQLiteTx:
+        self._cursor.execute(sql, params)
+        return self
+
+    def executemany(self, sql: str, params_seq: Sequence[Params]) -> None:
+        if params_seq:
+            self._cursor.executemany(sql, params_seq)
+
+    def fetchone(self) -> Row | None:
+        row: Row | None = self._cursor.fetchone()
+        return row
+
+    def fetchall(self) -> list[Row]:
+        return self._cursor.fetchall()
+
+
+class _PostgresTx:
+    is_postgres = True
+
+    def __init__(self, cursor: psycopg.Cursor[Row]) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def execute(self, sql: str, params: Params = ()) -> _PostgresTx:
+        self._cursor.execute(to_psycopg(sql), tuple(params))
+        return self
+
+    def executemany(self, sql: str, params_seq: Sequence[Params]) -> None:
+        if params_seq:
+            self._cursor.executemany(to_psycopg(sql), [tuple(p) for p in params_seq])
+
+    def fetchone(self) -> Row | None:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Row]:
+        return self._cursor.fetchall()
+
+
+class ReadModelDB:
+    """The read models' database. Thread-safe: each thread gets its own connection."""
+
+    def __init__(self, *, sqlite_path: Path | None = None, postgres_url: str | None = None):
+        if (sqlite_path is None) == (postgres_url is None):
+            raise ValueError("give exactly one of sqlite_path and postgres_url")
+        self.is_postgres = postgres_url is not None
+        self._sqlite_path = sqlite_path
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sqlite_connections: list[sqlite3.Connection] = []
+        self._pool: Any = None
+        if postgres_url is not None:
+            self._pool = ConnectionPool(
+                postgres_url, min_size=1, max_size=8, open=True, name="read-models"
+            )
+        else:
+            assert sqlite_path is not None
+            sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.transaction() as tx:  # creates the file and turns WAL on
+                tx.execute("SELECT 1")
+
+    # -- SQLite -------------------------------------------------------------------------
+
+    def _sqlite(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            assert self._sqlite_path is not None
+            conn = sqlite3.connect(
+                self._sqlite_path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA cache_size=-65536")
+            self._local.conn = conn
+            with self._lock:
+                self._sqlite_connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _sqlite_tx(self, begin: str) -> Iterator[Tx]:
+        conn = self._sqlite()
+        cursor = conn.cursor()
+        cursor.execute(begin)
+        try:
+            yield _SQLiteTx(cursor)
+        except BaseException:
+            conn.rollback()
+            raise
+        else:
+            conn.commit()
+        finally:
+            cursor.close()
+
+    # -- PostgreSQL ---------------------------------------------------------------------
+
+    @contextmanager
+    def _postgres_tx(self, *, read_only: bool) -> Iterator[Tx]:
+        with self._pool.connection() as conn:
+            conn.read_only = read_only
+            # The pool's connection block commits on success and rolls back on error.
+            with conn.cursor() as cursor:
+                yield _PostgresTx(cursor)
+
+    # -- the API ------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """A write transaction: committed when the block ends, rolled back on an error."""
+        if self.is_postgres:
+            with self._postgres_tx(read_only=False) as tx:
+                yield tx
+        else:
+            with self._sqlite_tx("BEGIN IMMEDIATE") as tx:
+                yield tx
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A read-only transaction (on SQLite a consistent snapshot)."""
+        if self.is_postgres:
+            with self._postgres_tx(read_only=True) as tx:
+                yield tx
+        else:
+            with self._sqlite_tx("BEGIN") as tx:
+                yield tx
+
+    def table_exists(self, table: str) -> bool:
+        with self.read() as tx:
+            if self.is_postgres:
+                tx.execute("SELECT to_regclass(?) IS NOT NULL", (table,))
+            else:
+                tx.execute(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name=?", (table,)
+                )
+            row = tx.fetchone()
+        return bool(row and row[0])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        with self._lock:
+            for conn in self._sqlite_connections:
+                conn.close()
+            self._sqlite_connections.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> ReadModelDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_read_models(settings: Settings) -> ReadModelDB:
+    """The read models beside the event store: `Settings.views_path`, or the same PostgreSQL
+    database as the store."""
+    if settings.is_postgres:
+        return ReadModelDB(postgres_url=settings.database_url)
+    return ReadModelDB(sqlite_path=settings.views_path)

@@ -1,0 +1,227 @@
+"""Rebuilding a projection from the first event, while the current generation keeps serving.
+
+`rebuild` creates generation N+1 beside the active generation N, replays the notification
+log into it (with its own tracking position, so a rebuild that stops can resume), creates its
+secondary indexes once it has caught up with the head of the log, then swaps it in (one
+transaction: N inactive, N+1 active, conditional on N+1's position) and drops N's tables.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from infra.settings import Settings
+from infra.store import EventStore, open_event_store
+from projections.base import Projection
+from projections.db import ReadModelDB, open_read_models
+from projections.inbox_view import InboxView
+from projections.runner import ProjectionRunner, apply_batch
+from projections.timeline import Timeline
+from projections.tracking import (
+    STATE_TABLE,
+    GenerationState,
+    PositionConflict,
+    active_generation,
+    drop_generation,
+    ensure_state_table,
+    generation_state,
+    generations,
+    new_generation,
+    now,
+)
+
+PROJECTIONS: dict[str, Callable[[], Projection]] = {
+    "inbox": InboxView,
+    "timeline": Timeline,
+}
+
+# progress(position, head): called after every batch.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    name: str
+    generation: int
+    previous_generation: int | None
+    events: int  # notifications replayed by this call
+    position: int
+    seconds: float
+
+
+def projection(name: str) -> Projection:
+    try:
+        return PROJECTIONS[name]()
+    except KeyError:
+        known = ", ".join(sorted(PROJECTIONS))
+        raise ValueError(f"unknown projection {name!r} (known: {known})") from None
+
+
+def _unfinished(db: ReadModelDB, name: str) -> list[GenerationState]:
+    with db.read() as tx:
+        states = generations(tx, name)
+        active = active_generation(tx, name)
+    floor = active.generation if active else 0
+    return [
+        s
+        for s in states
+        if not s.active and s.finished_at is None and s.retired_at is None and s.generation > floor
+    ]
+
+
+def rebuild(
+    store: EventStore,
+    db: ReadModelDB,
+    name: str,
+    *,
+    from_start: bool,
+    progress: Progress | None = None,
+    batch_size: int = 5000,
+) -> ReplayResult:
+    """Rebuilds projection `name` into a new generation and swaps it in.
+
+    With `from_start` False an unfinished rebuild (one stopped before its swap) is resumed
+    from its position; otherwise (or when there is none) a new generation starts from
+    notification 1. Unfinished generations that are not resumed are dropped."""
+    proj = projection(name)
+    ensure_state_table(db)
+    started = time.monotonic()
+    unfinished = _unfinished(db, name)
+    target: GenerationState | None = None
+    if not from_start and unfinished:
+        target = unfinished[-1]
+    for stale in unfinished:
+        if target is None or stale.generation != target.generation:
+            drop_generation(db, proj, stale.generation)
+    if target is None:
+        target = new_generation(db, proj, active=False)
+    generation, position = target.generation, target.position
+    replayed = 0
+    while True:
+        notifications = store.notifications(position, batch_size)
+        if notifications:
+            try:
+                position = apply_batch(
+                    db, proj, generation, position, notifications, require_active=False
+                )
+            except PositionConflict:
+                position = _position(db, name, generation)
+                continue
+            replayed += len(notifications)
+        if progress is not None:
+            progress(position, max(position, store.max_notification_id()))
+        if len(notifications) < batch_size:
+            swapped, previous = _swap(db, proj, generation, position)
+            if swapped:
+                break
+            position = _position(db, name, generation)  # moved by another writer: go on
+    if previous is not None:
+        drop_generation(db, proj, previous)
+    return ReplayResult(
+        name=name,
+        generation=generation,
+        previous_generation=previous,
+        events=replayed,
+        position=position,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _position(db: ReadModelDB, name: str, generation: int) -> int:
+    with db.read() as tx:
+        state = generation_state(tx, name, generation)
+    if state is None:
+        raise RuntimeError(f"generation {generation} of {name} has gone")
+    return state.position
+
+
+def _swap(
+    db: ReadModelDB, proj: Projection, generation: int, position: int
+) -> tuple[bool, int | None]:
+    """Makes `generation` the active one, in one transaction: (True, the generation it
+    replaced or None), or (False, None) when its position moved meanwhile."""
+    with db.transaction() as tx:
+        proj.create_indexes(tx, generation)
+    with db.transaction() as tx:
+        old = active_generation(tx, proj.name)
+        tx.execute(
+            f"UPDATE {STATE_TABLE} SET active=1, finished_at=?, updated_at=? "
+            "WHERE name=? AND generation=? AND position=? AND active=0",
+            (now(), now(), proj.name, generation, position),
+        )
+        if tx.rowcount != 1:
+            # Nothing else was changed in this transaction: letting it commit is harmless.
+            return False, None
+        if old is not None:
+            tx.execute(
+                f"UPDATE {STATE_TABLE} SET active=0, retired_at=? WHERE name=? AND generation=?",
+                (now(), proj.name, old.generation),
+            )
+    return True, None if old is None else old.generation
+
+
+def run_replay(
+    settings: Settings, name: str, *, from_start: bool, follow: bool = False
+) -> ReplayResult:
+    """`inbox replay NAME [--from-start] [--follow]`: rebuild with a progress bar (rate and
+    ETA), then, with `follow`, keep the new generation up to date until Ctrl-C."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    store = open_event_store(settings)
+    db = open_read_models(settings)
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>10} events/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task(f"replay {name}", total=None, rate="-")
+            started = time.monotonic()
+            first: list[int] = []
+
+            def show(position: int, head: int) -> None:
+                if not first:
+                    first.append(position)
+                elapsed = max(time.monotonic() - started, 1e-6)
+                rate = (position - first[0]) / elapsed
+                bar.update(task, completed=position, total=head, rate=f"{rate:,.0f}")
+
+            result = rebuild(store, db, name, from_start=from_start, progress=show)
+        console.print(
+            f"{name}: generation {result.generation} active at position {result.position} "
+            f"({result.events:,} events in {result.seconds:.1f}s, "
+            f"{result.events / max(result.seconds, 1e-6):,.0f}/s)"
+            + (
+                f"; generation {result.previous_generation} dropped"
+                if result.previous_generation is not None
+                else ""
+            )
+        )
+        if follow:
+            console.print(f"following {name}; Ctrl-C to stop")
+            stop = threading.Event()
+            runner = ProjectionRunner(store, db, [projection(name)])
+            try:
+                runner.run_forever(stop)
+            except KeyboardInterrupt:
+                stop.set()
+        return result
+    finally:
+        db.close()
+        store.close()

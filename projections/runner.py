@@ -1,0 +1,190 @@
+"""The runner: follows the event store's notification log and feeds projections, a batch at a
+time, exactly once.
+
+For each projection it reads the position of the active generation, fetches the notifications
+after it, decodes the ones the projection handles and, in one transaction, moves the position
+(conditionally: `... WHERE position=<what we read>`) and writes the projection's rows. When
+another runner moved the position first, the transaction is rolled back and the batch is
+dropped; the next round starts from the new position. The position moves over events a
+projection ignores too.
+
+eventsourcing's SQLite recorder cannot `subscribe()`, so `run_forever` polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+from eventsourcing.persistence import Notification
+
+from infra.store import EventStore
+from projections.base import Event, Projection
+from projections.db import DatabaseError, ReadModelDB
+from projections.tracking import PositionConflict, advance, ensure_active, ensure_state_table
+
+log = logging.getLogger(__name__)
+
+_names: dict[str, str] = {}
+
+
+def event_name(topic: str) -> str:
+    """`inbox.domain.conversation:Conversation.Opened` -> `Conversation.Opened`."""
+    name = _names.get(topic)
+    if name is None:
+        name = _names[topic] = topic.partition(":")[2]
+    return name
+
+
+def decode(notifications: Iterable[Notification], handles: frozenset[str]) -> list[Event]:
+    """The notifications a projection handles, decoded (the others are skipped undecoded)."""
+    names = _names
+    loads = orjson.loads
+    events: list[Event] = []
+    append = events.append
+    for n in notifications:
+        topic = n.topic
+        name = names.get(topic) or event_name(topic)
+        if name in handles:
+            append(Event(n.id, name, str(n.originator_id), n.originator_version, loads(n.state)))
+    return events
+
+
+def apply_batch(
+    db: ReadModelDB,
+    projection: Projection,
+    generation: int,
+    position: int,
+    notifications: Sequence[Notification],
+    *,
+    require_active: bool,
+    events: Sequence[Event] | None = None,
+) -> int:
+    """Applies notifications after `position` to a generation, with the position, in one
+    transaction; returns the new position. Raises PositionConflict (nothing written) when
+    the generation is no longer at `position`."""
+    if not notifications:
+        return position
+    if events is None:
+        events = decode(notifications, projection.handles)
+    new_position = notifications[-1].id
+    with db.transaction() as tx:
+        advance(
+            tx, projection.name, generation, position, new_position, require_active=require_active
+        )
+        if events:
+            projection.apply(tx, generation, events)
+    return new_position
+
+
+@dataclass
+class RunnerStats:
+    processed: dict[str, int] = field(default_factory=dict)
+    conflicts: dict[str, int] = field(default_factory=dict)
+
+
+class ProjectionRunner:
+    """Feeds the active generation of each projection from the notification log."""
+
+    def __init__(
+        self, store: EventStore, db: ReadModelDB, projections: Sequence[Projection]
+    ) -> None:
+        self.store = store
+        self.db = db
+        self.projections = list(projections)
+        self.stats = RunnerStats(
+            processed={p.name: 0 for p in self.projections},
+            conflicts={p.name: 0 for p in self.projections},
+        )
+        self._ready = False
+
+    def _ensure_ready(self) -> None:
+        if not self._ready:
+            ensure_state_table(self.db)
+            for projection in self.projections:
+                ensure_active(self.db, projection)
+            self._ready = True
+
+    def positions(self) -> dict[str, tuple[int, int]]:
+        """Each projection's active (generation, position)."""
+        self._ensure_ready()
+        result: dict[str, tuple[int, int]] = {}
+        for projection in self.projections:
+            state = ensure_active(self.db, projection)
+            result[projection.name] = (state.generation, state.position)
+        return result
+
+    def run_once(self, limit: int = 1000) -> int:
+        """Processes up to `limit` notifications for each projection; returns how many
+        notifications were applied, summed over the projections (0: all caught up)."""
+        self._ensure_ready()
+        # Projections at the same position share one read of the log and one decode.
+        by_position: dict[int, list[tuple[Projection, int]]] = {}
+        for projection, (generation, position) in zip(
+            self.projections, self.positions().values(), strict=True
+        ):
+            by_position.setdefault(position, []).append((projection, generation))
+        done = 0
+        for position, group in by_position.items():
+            notifications = self.store.notifications(position, limit)
+            if not notifications:
+                continue
+            handles = frozenset().union(*(p.handles for p, _ in group))
+            decoded = decode(notifications, handles) if len(group) > 1 else None
+            for projection, generation in group:
+                events = (
+                    None
+                    if decoded is None
+                    else [e for e in decoded if e.name in projection.handles]
+                )
+                try:
+                    apply_batch(
+                        self.db,
+                        projection,
+                        generation,
+                        position,
+                        notifications,
+                        require_active=True,
+                        events=events,
+                    )
+                except PositionConflict:
+                    # Another runner (or a swap) got there first: nothing of ours was
+                    # written; the next round re-reads the position and carries on.
+                    self.stats.conflicts[projection.name] += 1
+                    log.info("projection %s: position moved by another writer", projection.name)
+                    continue
+                self.stats.processed[projection.name] += len(notifications)
+                done += len(notifications)
+        return done
+
+    def run_until_caught_up(self, limit: int = 1000) -> int:
+        """Runs rounds until every projection has reached the head of the log."""
+        total = 0
+        while True:
+            done = self.run_once(limit)
+            total += done
+            if done == 0:
+                positions = self.positions()
+                head = self.store.max_notification_id()
+                if all(p >= head for _, p in positions.values()):
+                    return total
+
+    def run_forever(
+        self, stop: threading.Event, poll_interval: float = 0.05, limit: int = 1000
+    ) -> None:
+        """Polls the log until `stop` is set (for a thread of its own)."""
+        backoff = poll_interval
+        while not stop.is_set():
+            try:
+                done = self.run_once(limit)
+            except DatabaseError as exc:  # e.g. "database is locked", a lost connection
+                log.warning("projection runner: %s; retrying in %.1fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = poll_interval
+            if done == 0:
+                stop.wait(poll_interval)

@@ -1,0 +1,196 @@
+"""The conversation timeline: every conversation event as an entry, in order, across channels.
+
+Table (generation N): `timeline_entries_gN`, primary key (conversation_id, version): insert
+only, one row per conversation event. Each entry: `kind` (message | call | ivr | note | status
+| callback | delivery | csat), `direction` (in | out where it applies), `channel`, `at`,
+`text` (messages and notes), `source_event_id` (the contact event it came from), `actor`
+where known, `event` (the domain event's name) and `data` (the event's other fields).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from projections.base import Event, table
+from projections.db import ReadModelDB, Tx
+from projections.inbox_view import conversations_of, get_item
+from projections.tracking import active_table
+
+NAME = "timeline"
+ENTRIES = "timeline_entries"
+
+_STATUS_EVENTS = frozenset(
+    {"Opened", "Assigned", "Transferred", "Escalated", "MarkedPending", "Resolved", "Reopened"}
+)
+# Fields that have a column of their own (or say nothing an entry needs).
+_COMMON = frozenset(
+    {"timestamp", "originator_topic", "at", "channel", "text", "source_event_id", "actor"}
+)
+_COLUMNS = (
+    "conversation_id",
+    "version",
+    "notification_id",
+    "event",
+    "kind",
+    "direction",
+    "channel",
+    "at",
+    "text",
+    "source_event_id",
+    "actor",
+    "data",
+)
+
+
+def entry_for(event_name: str, state: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
+    """(kind, direction, data) of a conversation event (`Opened`, `MessageReceived`, ...)."""
+    data = {k: v for k, v in state.items() if k not in _COMMON}
+    if event_name == "MessageReceived":
+        return "message", "in", data
+    if event_name == "ReplyQueued":
+        return "message", "out", data
+    if event_name == "ActivityRecorded":
+        activity: str = state["activity"]
+        payload = data.pop("data", None) or {}
+        data = {**payload, **data}
+        prefix = activity.partition(".")[0]
+        if prefix == "call":
+            return "call", "in", data
+        if prefix == "ivr":
+            return "ivr", "in", data
+        if prefix == "callback":
+            return "callback", "in", data
+        return "status", None, data  # chat.started, chat.ended
+    if event_name == "NoteAdded":
+        return "note", None, data
+    if event_name == "DeliveryStatusRecorded":
+        return "delivery", "out", data
+    if event_name == "CsatSubmitted":
+        return "csat", "in", data
+    if event_name in _STATUS_EVENTS:
+        data["change"] = event_name
+        if event_name == "Opened":
+            data["status"] = "open"
+        return "status", None, data
+    return "status", None, data
+
+
+class Timeline:
+    name = NAME
+    handles = frozenset(
+        {
+            "Conversation.Opened",
+            "Conversation.MessageReceived",
+            "Conversation.ActivityRecorded",
+            "Conversation.DeliveryStatusRecorded",
+            "Conversation.CsatSubmitted",
+            "Conversation.NoteAdded",
+            "Conversation.ReplyQueued",
+            "Conversation.Assigned",
+            "Conversation.Transferred",
+            "Conversation.Escalated",
+            "Conversation.MarkedPending",
+            "Conversation.Resolved",
+            "Conversation.Reopened",
+        }
+    )
+
+    def tables(self, generation: int) -> list[str]:
+        return [table(ENTRIES, generation)]
+
+    def create_tables(self, tx: Tx, generation: int) -> None:
+        (entries,) = self.tables(generation)
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {entries} (conversation_id TEXT NOT NULL, "
+            "version INTEGER NOT NULL, notification_id BIGINT NOT NULL, event TEXT NOT NULL, "
+            "kind TEXT NOT NULL, direction TEXT, channel TEXT, at TEXT NOT NULL, text TEXT, "
+            "source_event_id TEXT, actor TEXT, data TEXT NOT NULL, "
+            "PRIMARY KEY (conversation_id, version))"
+        )
+
+    def create_indexes(self, tx: Tx, generation: int) -> None:
+        """The primary key is the only index reads need."""
+
+    def apply(self, tx: Tx, generation: int, events: Sequence[Event]) -> None:
+        rows = []
+        dumps = orjson.dumps
+        for e in events:
+            s = e.state
+            short = e.name.partition(".")[2]
+            kind, direction, data = entry_for(short, s)
+            rows.append(
+                (
+                    e.originator_id,
+                    e.version,
+                    e.notification_id,
+                    short,
+                    kind,
+                    direction,
+                    s.get("channel"),
+                    s["at"],
+                    s.get("text"),
+                    s.get("source_event_id"),
+                    s.get("actor"),
+                    dumps(data).decode(),
+                )
+            )
+        (entries,) = self.tables(generation)
+        tx.executemany(
+            f"INSERT INTO {entries} ({', '.join(_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+            rows,
+        )
+
+
+def timeline_of(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
+    entries = active_table(tx, NAME, ENTRIES)
+    if entries is None:
+        return []
+    tx.execute(
+        "SELECT version, event, kind, direction, channel, at, text, source_event_id, actor, "
+        f"data FROM {entries} WHERE conversation_id=? ORDER BY version",
+        (conversation_id,),
+    )
+    return [
+        {
+            "version": version,
+            "event": event,
+            "kind": kind,
+            "direction": direction,
+            "channel": channel,
+            "at": at,
+            "text": text,
+            "source_event_id": source_event_id,
+            "actor": actor,
+            "data": orjson.loads(data),
+        }
+        for (
+            version,
+            event,
+            kind,
+            direction,
+            channel,
+            at,
+            text,
+            source_event_id,
+            actor,
+            data,
+        ) in tx.fetchall()
+    ]
+
+
+def get_conversation(db: ReadModelDB, conversation_id: str) -> dict[str, Any] | None:
+    """The inbox-view item of a conversation with its `timeline` (entries in order) and
+    `previous` (the customer's other conversations, newest first); None when unknown."""
+    with db.read() as tx:
+        item = get_item(tx, conversation_id)
+        if item is None:
+            return None
+        item["timeline"] = timeline_of(tx, conversation_id)
+        item["previous"] = [
+            c for c in conversations_of(tx, item["customer"]["id"]) if c["id"] != conversation_id
+        ]
+    return item
