@@ -83,7 +83,7 @@ class ThreadRef(msgspec.Struct, frozen=True, omit_defaults=True):
     in_reply_to: tuple[str, ...] = ()
 
 
-class ContactEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+class ContactEvent(msgspec.Struct, frozen=True):
     event_id: str
     occurred_at: datetime
     channel: Channel
@@ -151,13 +151,17 @@ def validate(event: ContactEvent, *, now: datetime | None = None) -> ContactEven
     at = event.occurred_at
     if at.tzinfo is None:
         raise InvalidContactEvent("occurred_at has no time zone")
-    at = at.astimezone(UTC)
+    try:
+        at = at.astimezone(UTC)
+    except OverflowError:
+        raise InvalidContactEvent("occurred_at is out of range") from None
     limit = (now or datetime.now(UTC)) + timedelta(days=1)
     if at > limit or at.year < 2000:
         raise InvalidContactEvent(f"occurred_at {at.isoformat()} is out of range")
     customer = _normalise_customer(event.customer)
-    _check_payload(event.type, event.payload)
-    return msgspec.structs.replace(event, occurred_at=at, customer=customer)
+    payload = dict(event.payload)
+    _check_payload(event.type, payload)
+    return msgspec.structs.replace(event, occurred_at=at, customer=customer, payload=payload)
 
 
 def _normalise_customer(customer: CustomerRef) -> CustomerRef:

@@ -19,6 +19,7 @@ from uuid import UUID
 
 from eventsourcing.domain import CanMutateAggregate
 from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.utils import get_topic
 
 from inbox.contact import ContactEvent
 from inbox.domain import ids
@@ -118,10 +119,35 @@ class BatchOutcome:
     skipped: bool = False  # the batch's position was already recorded by another worker
 
 
+# Events that other writers (agents merging customers) record on aggregates the worker only
+# reads: seeing one in the log drops that aggregate from the cache. Aggregates the worker
+# writes need no such care: a stale copy's write is refused by the store and retried.
+_CHANGED_ELSEWHERE = tuple(
+    get_topic(cls)
+    for cls in (
+        IdentityClaim.Reassigned,
+        Customer.Merged,
+        Customer.MergedInto,
+        Customer.MergeUndone,
+        Customer.Restored,
+    )
+)
+
+
 class Ingestor:
     def __init__(self, store: EventStorePort, *, cache: AggregateCache | None = None) -> None:
         self.store = store
         self.cache = cache or AggregateCache()
+        self._log_seen: int | None = None
+
+    def _forget_changed_elsewhere(self) -> None:
+        head = self.store.max_notification_id()
+        if self._log_seen is not None and len(self.cache):
+            after = self._log_seen
+            while changed := self.store.notifications(after, 1000, topics=_CHANGED_ELSEWHERE):
+                self.cache.discard([n.originator_id for n in changed])
+                after = changed[-1].id
+        self._log_seen = head
 
     def apply_batch(
         self,
@@ -135,6 +161,7 @@ class Ingestor:
             done = self.store.position(tracking.application_name)
             if done is not None and done >= tracking.notification_id:
                 return BatchOutcome(0, 0, 0, (), skipped=True)
+            self._forget_changed_elsewhere()
             uow = _UnitOfWork(self.store, self.cache)
             try:
                 outcome = self._apply(uow, batch, tracking)
@@ -240,6 +267,8 @@ def _current_conversation(
 def _starts_new_conversation(conversation: Conversation, event: ContactEvent) -> bool:
     if conversation.status != RESOLVED or event.type in _FOLLOW_UP_TYPES:
         return False
+    if event.payload.get(_AUTOMATIC_MARKER):
+        return False  # an auto-reply changes no state, so it starts nothing either
     if conversation.resolved_at is None:
         return False
     return event.occurred_at - parse_iso(conversation.resolved_at) > REOPEN_WINDOW

@@ -8,7 +8,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from infra.settings import CONTACT_EVENTS_TOPIC, DEAD_LETTER_TOPIC, Settings
+from infra.settings import Settings
 
 # Kafka error codes that ensure_topics accepts in a CreateTopics answer.
 _NO_ERROR = 0
@@ -22,8 +22,8 @@ class TopicCreationError(RuntimeError):
 def app_topics(settings: Settings) -> dict[str, int]:
     """The topics the application needs, name → partition count."""
     return {
-        CONTACT_EVENTS_TOPIC: settings.kafka_partitions,
-        DEAD_LETTER_TOPIC: 1,
+        settings.contact_events_topic: settings.kafka_partitions,
+        settings.dead_letter_topic: 1,
     }
 
 

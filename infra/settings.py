@@ -40,7 +40,13 @@ class Settings:
     kafka_idempotence: bool = False
     kafka_partitions: int = 8
     consumer_group: str = "inbox-ingest"
+    # Several deployments (or test runs) can share one cluster under different topic names.
+    contact_events_topic: str = CONTACT_EVENTS_TOPIC
     extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.contact_events_topic + ".dlq"
 
     @property
     def is_postgres(self) -> bool:
@@ -98,4 +104,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kafka_idempotence=(env.get("INBOX_KAFKA_IDEMPOTENCE") or idempotence_default) == "1",
         kafka_partitions=int(env.get("INBOX_KAFKA_PARTITIONS") or 8),
         consumer_group=env.get("INBOX_CONSUMER_GROUP") or "inbox-ingest",
+        contact_events_topic=env.get("INBOX_KAFKA_TOPIC") or CONTACT_EVENTS_TOPIC,
     )

@@ -108,7 +108,25 @@ class SQLiteIngestRecorder(SQLiteProcessRecorder):
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        returning = super()._insert_events(c, stored_events, **kwargs)
+        # One executemany instead of eventsourcing's row-at-a-time inserts. Inside this write
+        # transaction nobody else inserts, so the rowids (notification ids) are consecutive.
+        c.executemany(
+            self.insert_events_statement,
+            [
+                (s.originator_id.hex, s.originator_version, s.topic, s.state)
+                if isinstance(s.originator_id, UUID)
+                else (s.originator_id, s.originator_version, s.topic, s.state)
+                for s in stored_events
+            ],
+        )
+        returning: list[int] = []
+        if stored_events:
+            c.execute("SELECT last_insert_rowid()")
+            last = int(c.fetchone()[0])
+            returning = list(range(last - len(stored_events) + 1, last + 1))
+        tracking: Tracking | None = kwargs.get("tracking")
+        if tracking is not None:
+            self._insert_tracking(c, tracking)
         rows: Sequence[ContactEventRow] = kwargs.get("contact_events", ())
         if rows:
             c.executemany(
@@ -257,8 +275,12 @@ class EventStore:
             events.extend(aggregate.collect_events())
         return self.record(events)
 
-    def notifications(self, after: int, limit: int) -> Sequence[Notification]:
-        return self.recorder.select_notifications(after, limit, inclusive_of_start=False)
+    def notifications(
+        self, after: int, limit: int, *, topics: Sequence[str] = ()
+    ) -> Sequence[Notification]:
+        return self.recorder.select_notifications(
+            after, limit, topics=topics, inclusive_of_start=False
+        )
 
     def max_notification_id(self) -> int:
         return self.recorder.max_notification_id() or 0

@@ -183,6 +183,8 @@ class Customer(Aggregate):
     def undo_merge(self, other: Customer, *, actor: str, at: str) -> list[str]:
         """Separates `other` again; returns the identities that go back to it."""
         key = str(other.id)
+        if self.merged_into is not None:
+            raise CustomerMergeError("this customer was merged into another: undo that first")
         if key not in self.absorbed or other.merged_into != str(self.id):
             raise CustomerMergeError("that customer was not merged into this one")
         identities, conversations = self.absorbed[key]

@@ -492,14 +492,6 @@ def test_undoing_a_merge_twice_is_refused() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: Customer.undo_merge (inbox/domain/customer.py) does not check "
-    "self.merged_into: after bob->alice and alice->carol, alice.undo_merge(bob) succeeds, "
-    "bob is restored, yet carol.identities still lists bob's identities "
-    "(absorb refuses a merged-away customer; undo_merge should too)",
-)
 def test_a_customer_merged_away_cannot_undo_its_own_merges() -> None:
     history = History()
     alice = customer(history, ALICE_EMAIL)
