@@ -145,7 +145,7 @@ class Ingestor:
         if self._log_seen is not None and len(self.cache):
             after = self._log_seen
             while changed := self.store.notifications(after, 1000, topics=_CHANGED_ELSEWHERE):
-                self.cache.discard([n.originator_id for n in changed])
+                self.cache.discard([UUID(str(n.originator_id)) for n in changed])
                 after = changed[-1].id
         self._log_seen = head
 
