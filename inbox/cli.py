@@ -1,0 +1,107 @@
+"""`inbox`: the command line (CONTRACT.md, "Running it")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from uuid import UUID
+
+import orjson
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inbox", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="everything in one process tree, embedded broker unless configured")
+    sub.add_parser("serve", help="HTTP API, webhooks and projections")
+    sub.add_parser("worker", help="the ingest worker (run several in one consumer group)")
+    replay = sub.add_parser("replay", help="rebuild a projection from the event store")
+    replay.add_argument("name")
+    replay.add_argument("--from-start", action="store_true", help="a fresh rebuild from event 1")
+    replay.add_argument("--follow", action="store_true", help="keep it up to date afterwards")
+    audit = sub.add_parser("audit", help="the full event history of a conversation or customer")
+    which = audit.add_mutually_exclusive_group(required=True)
+    which.add_argument("--conversation", type=UUID)
+    which.add_argument("--customer", type=UUID)
+    audit.add_argument("--format", choices=["table", "jsonl"], default="table")
+    return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from inbox import audit
+    from infra.settings import load_settings
+    from infra.store import open_event_store
+
+    store = open_event_store(load_settings())
+    try:
+        if args.conversation is not None:
+            entries = audit.history(store, args.conversation)
+        else:
+            entries = audit.customer_history(store, args.customer)
+    finally:
+        store.close()
+    if not entries:
+        print("no such conversation or customer", file=sys.stderr)
+        return 1
+    if args.format == "jsonl":
+        for entry in entries:
+            sys.stdout.buffer.write(orjson.dumps(entry) + b"\n")
+        return 0
+    table = Table("recorded", "at", "aggregate", "version", "event", "actor", "source")
+    for entry in entries:
+        source = entry.get("source") or {}
+        kafka = source.get("kafka") or {}
+        where = f"{kafka['topic']}[{kafka['partition']}]@{kafka['offset']}" if kafka else ""
+        table.add_row(
+            entry["timestamp"],
+            entry["at"] or "",
+            f"{entry['aggregate']} {entry['aggregate_id'][:8]}",
+            str(entry["version"]),
+            entry["type"],
+            entry["actor"],
+            f"{source.get('event_id', '')} {where}".strip(),
+        )
+    Console().print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if args.command == "audit":
+        return _audit(args)
+
+    from infra.settings import load_settings
+
+    settings = load_settings()
+    if args.command == "replay":
+        from projections.replay import run_replay
+
+        run_replay(settings, args.name, from_start=args.from_start, follow=args.follow)
+        return 0
+
+    from infra import composition
+
+    if args.command in ("serve", "worker") and settings.kafka_bootstrap is None:
+        print(
+            f"inbox {args.command}: set INBOX_KAFKA_BOOTSTRAP (or run inbox dev)", file=sys.stderr
+        )
+        return 2
+    http, worker, projections = {
+        "dev": (True, True, True),
+        "serve": (True, False, True),
+        "worker": (False, True, False),
+    }[args.command]
+    asyncio.run(composition.run(settings, http=http, worker=worker, projections=projections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

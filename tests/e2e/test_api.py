@@ -1,0 +1,189 @@
+"""The whole `inbox dev` stack in one process (embedded broker from the session, HTTP on a real
+port, worker, projections) driven over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from infra import composition
+from infra.broker import free_port
+from infra.settings import Settings
+from tests.conftest import SettingsFactory, TopicFactory
+from tests.support import contact_event, produce
+
+TOKEN = "test-admin-token"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    client: httpx.AsyncClient
+
+    async def get(self, path: str, **params: Any) -> httpx.Response:
+        return await self.client.get(path, params=params)
+
+
+@pytest.fixture
+async def stack(
+    settings: SettingsFactory, database_url: str, fresh_topic: TopicFactory
+) -> AsyncIterator[Stack]:
+    topic = fresh_topic("contact-events")
+    config = settings(
+        database_url,
+        INBOX_HTTP_PORT=str(free_port()),
+        INBOX_ADMIN_TOKEN=TOKEN,
+        INBOX_KAFKA_TOPIC=topic,
+        INBOX_CONSUMER_GROUP=f"group-{topic}",
+        INBOX_KAFKA_PARTITIONS="2",
+    )
+    stop = asyncio.Event()
+    lines: list[str] = []
+    task = asyncio.create_task(
+        composition.run(
+            config, http=True, worker=True, projections=True, say=lines.append, stop=stop
+        )
+    )
+    base = f"http://{config.http_host}:{config.http_port}"
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+    ) as client:
+
+        async def up() -> bool:
+            try:
+                return (await client.get("/healthz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        for _ in range(200):
+            if task.done() or await up():
+                break
+            await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+        assert any("HTTP API" in line for line in lines)
+        yield Stack(config, client)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+
+
+async def _listed(stack: Stack, count: int, **params: Any) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]] | None:
+        items: list[dict[str, Any]] = (await stack.get("/api/v1/conversations", **params)).json()[
+            "items"
+        ]
+        return items if len(items) >= count else None
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        items = await probe()
+        if items is not None:
+            return items
+        assert asyncio.get_running_loop().time() < deadline, "conversations did not show up"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_contact_event_from_any_kafka_client_shows_up_in_the_inbox(stack: Stack) -> None:
+    assert stack.settings.kafka_bootstrap is not None
+    await produce(
+        stack.settings.kafka_bootstrap,
+        stack.settings.contact_events_topic,
+        [
+            contact_event("SMa", customer={"phone": "+14155550123", "name": "Ann"}),
+            contact_event(
+                "<b1@example.org>",
+                channel="email",
+                customer={"email": "Bob@Example.org"},
+                payload={"text": "my invoice", "subject": "Invoice"},
+                seconds=5,
+            ),
+        ],
+    )
+    items = await _listed(stack, 2)
+    by_channel = {item["channels"][0]: item for item in items}
+    assert by_channel["sms"]["customer"]["name"] == "Ann"
+    assert by_channel["sms"]["last_message"]["text"] == "hello"
+    assert by_channel["email"]["customer"]["identities"] == ["email:bob@example.org"]
+    assert by_channel["email"]["status"] == "open"
+
+    only_email = (await stack.get("/api/v1/conversations", channel="email")).json()["items"]
+    assert [i["id"] for i in only_email] == [by_channel["email"]["id"]]
+    by_key = (await stack.get("/api/v1/conversations", customer="email:BOB@example.org")).json()
+    assert [i["id"] for i in by_key["items"]] == [by_channel["email"]["id"]]
+
+    detail = (await stack.get(f"/api/v1/conversations/{by_channel['sms']['id']}")).json()
+    messages = [e for e in detail["timeline"] if e["kind"] == "message"]
+    assert [(m["direction"], m["text"], m["source_event_id"]) for m in messages] == [
+        ("in", "hello", "SMa")
+    ]
+    assert detail["previous"] == []
+
+    history = (await stack.get(f"/api/v1/conversations/{by_channel['sms']['id']}/events")).json()
+    types = [e["type"] for e in history["items"]]
+    assert types == ["Opened", "MessageReceived"]
+    source = history["items"][1]["source"]
+    assert source["event_id"] == "SMa"
+    assert source["kafka"]["topic"] == stack.settings.contact_events_topic
+
+
+async def test_bad_requests_get_clear_errors(stack: Stack) -> None:
+    client = stack.client
+    no_token = await client.get("/api/v1/conversations", headers={"Authorization": ""})
+    assert no_token.status_code == 401
+    assert no_token.json()["error"]["code"] == "unauthenticated"
+    wrong = await client.get("/api/v1/conversations", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    for params, needle in [
+        ({"status": "closed"}, "status"),
+        ({"channel": "fax"}, "channel"),
+        ({"limit": "501"}, "limit"),
+        ({"limit": "0"}, "limit"),
+        ({"customer": "phone:12"}, "customer"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+    ]:
+        response = await stack.get("/api/v1/conversations", **params)
+        assert response.status_code == 422, params
+        assert needle in response.json()["error"]["message"], params
+    missing = await stack.get("/api/v1/conversations/0b0c7a52-3b0e-4c8e-9a55-0c4f6f7d2b10")
+    assert missing.status_code == 404
+    assert (await stack.get("/api/v1/conversations/not-a-uuid")).status_code == 404
+    assert (await stack.get("/api/v1/conversations/not-a-uuid/events")).status_code == 404
+
+
+async def test_health_and_prometheus_metrics(stack: Stack) -> None:
+    assert (await stack.get("/healthz")).json() == {"status": "ok"}
+    assert stack.settings.kafka_bootstrap is not None
+    await produce(
+        stack.settings.kafka_bootstrap,
+        stack.settings.contact_events_topic,
+        [contact_event("m1"), b"not json at all"],
+    )
+    await _listed(stack, 1)
+
+    async def scraped() -> str | None:
+        text = (await stack.get("/metrics")).text
+        return text if 'inbox_projection_position{projection="inbox"}' in text else None
+
+    text = await wait_until_async(scraped)
+    for name in (
+        "inbox_contact_events_consumed_total",
+        "inbox_contact_events_stored_total",
+        "inbox_contact_events_dead_lettered_total",
+        "inbox_event_store_position",
+        'inbox_projection_position{projection="timeline"}',
+        "inbox_consumer_lag",
+    ):
+        assert name in text, name
+
+
+async def wait_until_async(probe: Any, timeout: float = 30) -> Any:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := await probe()) is None:
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+    return value
