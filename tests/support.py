@@ -57,7 +57,7 @@ def key_of(event: dict[str, Any]) -> bytes:
 async def produce(
     bootstrap: str,
     topic: str,
-    events: list[dict[str, Any]] | list[bytes],
+    events: Sequence[dict[str, Any] | bytes],
     *,
     key: bytes | None = None,
 ) -> None:
