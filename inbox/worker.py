@@ -96,6 +96,9 @@ class IngestWorker:
             else:
                 consumer.seek(tp, stored)
                 self.positions[tp] = stored
+        log.info(
+            "assigned %s", {f"{tp.topic}:{tp.partition}": self.positions[tp] for tp in assigned}
+        )
         self.ready.set()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -126,7 +126,7 @@ def _banner(settings: Settings, parts_started: list[str], say: Callable[[str], N
     say(f"inbox: {', '.join(parts_started)}")
     say(f"  HTTP API          {url}/api/v1/conversations")
     say(f"  health, metrics   {url}/healthz  {url}/metrics")
-    say(f"  Kafka             {settings.kafka_bootstrap}  (topic contact-events)")
+    say(f"  Kafka             {settings.kafka_bootstrap}  (topic {settings.contact_events_topic})")
     say(f"  event store       {settings.database_url}")
     if settings.admin_token_generated:
         say(f"  admin token       {settings.admin_token}")
