@@ -2,7 +2,9 @@
 
 A projection owns a few tables, named with its generation suffix (`inbox_conversations_g3`),
 and turns a batch of events into writes on them. It never commits and never touches its
-position: the runner writes rows and position in one transaction (see `tracking`).
+position: the runner writes rows and position in one transaction (see `tracking`), then
+tells the projection whether that transaction committed (`committed`) or not (`forget`), so
+a projection may keep rows in memory between batches for as long as nobody else wrote them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ class Projection(Protocol):
     def create_indexes(self, tx: Tx, generation: int) -> None:
         """Secondary indexes: created with a live generation, at the end of a rebuild."""
 
-    def apply(self, tx: Tx, generation: int, events: Sequence[Event]) -> None: ...
+    def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
+        """Writes what `events` change. `position`: the generation's position before them (in
+        this transaction), so in-memory state kept since `committed` can be checked."""
+
+    def committed(self, generation: int, position: int) -> None:
+        """The last `apply` was committed; the generation is now at `position`."""
+
+    def forget(self) -> None:
+        """The last `apply` was rolled back: drop whatever was kept in memory."""
 
 
 def table(name: str, generation: int) -> str:

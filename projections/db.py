@@ -145,6 +145,8 @@ class ReadModelDB:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA cache_size=-65536")
+            # Rarer checkpoints: a batch rewrites pages all over its tables (random ids).
+            conn.execute("PRAGMA wal_autocheckpoint=16384")
             self._local.conn = conn
             with self._lock:
                 self._sqlite_connections.append(conn)
@@ -178,24 +180,35 @@ class ReadModelDB:
     # -- the API ------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
-        """A write transaction: committed when the block ends, rolled back on an error."""
+    def _outermost(self, read_only: bool) -> Iterator[Tx]:
+        current: Tx | None = getattr(self._local, "tx", None)
+        if current is not None:
+            # A block inside another on the same thread joins its transaction.
+            yield current
+            return
         if self.is_postgres:
-            with self._postgres_tx(read_only=False) as tx:
-                yield tx
+            opened = self._postgres_tx(read_only=read_only)
         else:
-            with self._sqlite_tx("BEGIN IMMEDIATE") as tx:
+            opened = self._sqlite_tx("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        with opened as tx:
+            self._local.tx = tx
+            try:
                 yield tx
+            finally:
+                self._local.tx = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """A write transaction: committed when the block ends, rolled back on an error.
+        A block opened inside another on the same thread joins the outer transaction."""
+        with self._outermost(read_only=False) as tx:
+            yield tx
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
         """A read-only transaction (on SQLite a consistent snapshot)."""
-        if self.is_postgres:
-            with self._postgres_tx(read_only=True) as tx:
-                yield tx
-        else:
-            with self._sqlite_tx("BEGIN") as tx:
-                yield tx
+        with self._outermost(read_only=True) as tx:
+            yield tx
 
     def table_exists(self, table: str) -> bool:
         with self.read() as tx:

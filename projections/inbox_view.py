@@ -7,8 +7,10 @@ Tables (generation N):
 - `inbox_customers_gN`: id, name, identities (JSON list), merged_into;
 - `inbox_claims_gN`: identity key -> customer (from IdentityClaim events).
 
-A batch is applied in memory (rows read once, changed by every event of the batch, written
-once with an upsert), which is what lets a replay run at tens of thousands of events a second.
+`updated_at` is the latest `at` of the conversation's events except delivery receipts and
+survey answers. A batch is applied in memory (rows read once, changed by every event of the
+batch, written once with an upsert), which is what lets a replay run at tens of thousands of
+events a second.
 """
 
 from __future__ import annotations
@@ -57,6 +59,26 @@ _CONV_COLUMNS = (
     "previous_id",
     "events",
 )
+# Positions in a conversation row (a list, in memory, in `_CONV_COLUMNS` order).
+CUSTOMER_ID = 1
+OWNER_ID = 2
+CHANNELS = 3
+STATUS = 4
+ASSIGNEE = 5
+QUEUE = 6
+PRIORITY = 7
+ESCALATED = 8
+LAST_CHANNEL = 9
+LAST_TEXT = 10
+LAST_AT = 11
+LAST_DIRECTION = 12
+WAITING_SINCE = 13
+SLA_DUE_AT = 14
+OPENED_AT = 15
+UPDATED_AT = 16
+RESOLVED_AT = 17
+PREVIOUS_ID = 18
+EVENTS = 19
 _CUST_COLUMNS = ("id", "name", "identities", "merged_into", "created_at", "updated_at")
 _CLAIM_COLUMNS = ("claim_id", "key", "customer_id")
 _CHUNK = 500
@@ -95,6 +117,8 @@ class InboxView:
             "Conversation.MarkedPending",
             "Conversation.Resolved",
             "Conversation.Reopened",
+            "Conversation.DeliveryStatusRecorded",
+            "Conversation.CsatSubmitted",
             "Customer.Registered",
             "Customer.IdentityAdded",
             "Customer.NameLearned",
@@ -112,6 +136,8 @@ class InboxView:
 
     def create_tables(self, tx: Tx, generation: int) -> None:
         conv, cust, claims = self.tables(generation)
+        # SQLite: the primary key is the table (one B-tree to write instead of two).
+        clustered = "" if tx.is_postgres else " WITHOUT ROWID"
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {conv} (id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, "
             "owner_id TEXT NOT NULL, channels TEXT NOT NULL, status TEXT NOT NULL, "
@@ -119,15 +145,16 @@ class InboxView:
             "last_channel TEXT, last_text TEXT, last_at TEXT, last_direction TEXT, "
             "waiting_since TEXT, sla_due_at TEXT, opened_at TEXT NOT NULL, "
             "updated_at TEXT NOT NULL, resolved_at TEXT, previous_id TEXT, "
-            "events INTEGER NOT NULL)"
+            "events INTEGER NOT NULL)" + clustered
         )
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {cust} (id TEXT PRIMARY KEY, name TEXT, "
             "identities TEXT NOT NULL, merged_into TEXT, created_at TEXT, updated_at TEXT)"
+            + clustered
         )
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {claims} (claim_id TEXT PRIMARY KEY, "
-            "key TEXT NOT NULL, customer_id TEXT NOT NULL)"
+            "key TEXT NOT NULL, customer_id TEXT NOT NULL)" + clustered
         )
 
     def create_indexes(self, tx: Tx, generation: int) -> None:
@@ -137,19 +164,59 @@ class InboxView:
         tx.execute(f"CREATE INDEX IF NOT EXISTS {conv}_owner ON {conv} (owner_id, opened_at)")
         tx.execute(f"CREATE INDEX IF NOT EXISTS {claims}_key ON {claims} (key)")
 
-    def apply(self, tx: Tx, generation: int, events: Sequence[Event]) -> None:
-        _Batch(tx, self.tables(generation)).run(events)
+    def __init__(self, cache_limit: int = 500_000) -> None:
+        self.cache_limit = cache_limit
+        self._cache: _Cache | None = None
+        self._pending: _Cache | None = None
+
+    def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
+        cache = self._cache
+        if cache is None or cache.generation != generation or cache.position != position:
+            # Another writer moved this generation since our last commit (or there was
+            # none): what we kept may be stale.
+            cache = _Cache(generation, position)
+        self._cache, self._pending = None, cache  # usable again once committed
+        _Batch(tx, self.tables(generation), cache).run(events)
+
+    def committed(self, generation: int, position: int) -> None:
+        cache, self._pending = self._pending, None
+        if (
+            cache is not None
+            and cache.generation == generation
+            and cache.size() <= self.cache_limit
+        ):
+            cache.position = position
+            self._cache = cache
+
+    def forget(self) -> None:
+        self._cache = self._pending = None
+
+
+class _Cache:
+    """Rows as of `position` of `generation`: valid while nobody else writes it, which the
+    conditional position update tells (its position is then still ours)."""
+
+    def __init__(self, generation: int, position: int) -> None:
+        self.generation = generation
+        self.position = position
+        self.convs: dict[str, list[Any]] = {}
+        self.custs: dict[str, dict[str, Any]] = {}
+        self.claims: dict[str, dict[str, Any]] = {}
+
+    def size(self) -> int:
+        return len(self.convs) + len(self.custs) + len(self.claims)
 
 
 class _Batch:
-    """One batch applied in memory: rows loaded once, written once."""
+    """One batch applied in memory: rows loaded once (or kept from earlier batches), written
+    once."""
 
-    def __init__(self, tx: Tx, tables: list[str]) -> None:
+    def __init__(self, tx: Tx, tables: list[str], cache: _Cache) -> None:
         self.tx = tx
         self.conv_table, self.cust_table, self.claim_table = tables
-        self.convs: dict[str, dict[str, Any]] = {}
-        self.custs: dict[str, dict[str, Any]] = {}
-        self.claims: dict[str, dict[str, Any]] = {}
+        self.convs: dict[str, list[Any]] = cache.convs
+        self.custs = cache.custs
+        self.claims = cache.claims
         self.dirty_convs: set[str] = set()
         self.dirty_custs: set[str] = set()
         self.dirty_claims: set[str] = set()
@@ -165,6 +232,8 @@ class _Batch:
             "Conversation.MarkedPending": self.marked_pending,
             "Conversation.Resolved": self.resolved,
             "Conversation.Reopened": self.reopened,
+            "Conversation.DeliveryStatusRecorded": self.follow_up,
+            "Conversation.CsatSubmitted": self.follow_up,
             "Customer.Registered": self.registered,
             "Customer.IdentityAdded": self.identity_added,
             "Customer.NameLearned": self.name_learned,
@@ -188,6 +257,7 @@ class _Batch:
     def _prefetch(self, events: Sequence[Event]) -> None:
         """Reads, in a few queries, every existing row the batch will touch."""
         seen: set[str] = set()
+        created: set[str] = set()  # first event in this batch: no row to read
         convs: set[str] = set()
         custs: set[str] = set()
         claims: set[str] = set()
@@ -198,13 +268,15 @@ class _Batch:
                 seen.add(oid)
                 if e.version > 1:
                     (convs if kind == "Con" else custs if kind == "Cus" else claims).add(oid)
+                else:
+                    created.add(oid)
             if e.name == "Conversation.Opened":
                 custs.add(e.state["customer_id"])
             elif e.name in ("Customer.Merged", "Customer.MergeUndone"):
                 convs.update(e.state["conversations"])
                 custs.add(e.state["other"])
-        self._load(self.conv_table, _CONV_COLUMNS, convs, self.convs, _conv_from_row)
-        self._load(self.cust_table, _CUST_COLUMNS, custs, self.custs, _cust_from_row)
+        self._load(self.conv_table, _CONV_COLUMNS, convs - created, self.convs, _conv_from_row)
+        self._load(self.cust_table, _CUST_COLUMNS, custs - created, self.custs, _cust_from_row)
         self._load(self.claim_table, _CLAIM_COLUMNS, claims, self.claims, _claim_from_row)
 
     def _load(
@@ -212,8 +284,8 @@ class _Batch:
         name: str,
         columns: Sequence[str],
         ids: set[str],
-        into: dict[str, dict[str, Any]],
-        convert: Callable[[tuple[Any, ...]], dict[str, Any]],
+        into: dict[str, Any],
+        convert: Callable[[tuple[Any, ...]], Any],
     ) -> None:
         wanted = sorted(i for i in ids if i not in into)
         cols = ", ".join(columns)
@@ -223,7 +295,7 @@ class _Batch:
             for row in self.tx.fetchall():
                 into[row[0]] = convert(row)
 
-    def _conv(self, conv_id: str) -> dict[str, Any] | None:
+    def _conv(self, conv_id: str) -> list[Any] | None:
         row = self.convs.get(conv_id)
         if row is None:
             self._load(self.conv_table, _CONV_COLUMNS, {conv_id}, self.convs, _conv_from_row)
@@ -250,33 +322,8 @@ class _Batch:
         tx = self.tx
         dumps = orjson.dumps
         if self.dirty_convs:
-            rows = []
-            for conv_id in self.dirty_convs:
-                r = self.convs[conv_id]
-                rows.append(
-                    (
-                        conv_id,
-                        r["customer_id"],
-                        r["owner_id"],
-                        dumps(r["channels"]).decode(),
-                        r["status"],
-                        r["assignee"],
-                        r["queue"],
-                        r["priority"],
-                        r["escalated"],
-                        r["last_channel"],
-                        r["last_text"],
-                        r["last_at"],
-                        r["last_direction"],
-                        r["waiting_since"],
-                        r["sla_due_at"],
-                        r["opened_at"],
-                        r["updated_at"],
-                        r["resolved_at"],
-                        r["previous_id"],
-                        r["events"],
-                    )
-                )
+            convs = self.convs
+            rows = [convs[conv_id] for conv_id in self.dirty_convs]
             tx.executemany(_upsert(self.conv_table, _CONV_COLUMNS, "id"), rows)
         if self.dirty_custs:
             tx.executemany(
@@ -306,54 +353,56 @@ class _Batch:
 
     # -- conversation events ------------------------------------------------------------
 
-    def _touch(self, e: Event) -> dict[str, Any] | None:
+    def _touch(self, e: Event, *, update: bool = True) -> list[Any] | None:
         row = self.convs.get(e.originator_id) or self._conv(e.originator_id)
         if row is None:
             return None  # an event of a conversation this view never saw open
         at = e.state["at"]
-        if at > row["updated_at"]:
-            row["updated_at"] = at
-        row["events"] += 1
+        if update and at > row[UPDATED_AT]:
+            row[UPDATED_AT] = at
+        row[EVENTS] += 1
         self.dirty_convs.add(e.originator_id)
         return row
 
     def opened(self, e: Event) -> None:
         s = e.state
         at = s["at"]
-        self.convs[e.originator_id] = {
-            "customer_id": s["customer_id"],
-            "owner_id": self._survivor(s["customer_id"]),
-            "channels": [s["channel"]],
-            "status": OPEN,
-            "assignee": None,
-            "queue": s.get("queue"),
-            "priority": DEFAULT_PRIORITY,
-            "escalated": 0,
-            "last_channel": None,
-            "last_text": None,
-            "last_at": None,
-            "last_direction": None,
-            "waiting_since": None,
-            "sla_due_at": None,
-            "opened_at": at,
-            "updated_at": at,
-            "resolved_at": None,
-            "previous_id": s.get("previous"),
-            "events": 1,
-        }
+        self.convs[e.originator_id] = [
+            e.originator_id,
+            s["customer_id"],
+            self._survivor(s["customer_id"]),
+            orjson.dumps([s["channel"]]).decode(),
+            OPEN,
+            None,  # assignee
+            s.get("queue"),
+            DEFAULT_PRIORITY,
+            0,  # escalated
+            None,  # last message: channel, text, at, direction
+            None,
+            None,
+            None,
+            None,  # waiting_since
+            None,  # sla_due_at
+            at,  # opened_at
+            at,  # updated_at
+            None,  # resolved_at
+            s.get("previous"),
+            1,  # events
+        ]
         self.dirty_convs.add(e.originator_id)
 
     @staticmethod
-    def _channel(row: dict[str, Any], channel: str) -> None:
-        if channel not in row["channels"]:
-            row["channels"].append(channel)
+    def _channel(row: list[Any], channel: str) -> None:
+        # Channels are a JSON list of plain names: a quoted name is found by substring.
+        if f'"{channel}"' not in row[CHANNELS]:
+            row[CHANNELS] = orjson.dumps([*orjson.loads(row[CHANNELS]), channel]).decode()
 
     @staticmethod
-    def _inbound(row: dict[str, Any], at: str) -> None:
-        if row["status"] == PENDING:
-            row["status"] = OPEN
-        if row["waiting_since"] is None:
-            row["waiting_since"] = at
+    def _inbound(row: list[Any], at: str) -> None:
+        if row[STATUS] == PENDING:
+            row[STATUS] = OPEN
+        if row[WAITING_SINCE] is None:
+            row[WAITING_SINCE] = at
 
     def message_received(self, e: Event) -> None:
         row = self._touch(e)
@@ -361,10 +410,10 @@ class _Batch:
             return
         s = e.state
         self._channel(row, s["channel"])
-        row["last_channel"] = s["channel"]
-        row["last_text"] = s["text"] or s.get("subject") or ""
-        row["last_at"] = s["at"]
-        row["last_direction"] = "in"
+        row[LAST_CHANNEL] = s["channel"]
+        row[LAST_TEXT] = s["text"] or s.get("subject") or ""
+        row[LAST_AT] = s["at"]
+        row[LAST_DIRECTION] = "in"
         if not s["automatic"]:
             self._inbound(row, s["at"])
 
@@ -378,10 +427,17 @@ class _Batch:
         if activity in ("call.started", "chat.started"):
             self._inbound(row, s["at"])
         elif activity == "call.answered":
-            row["waiting_since"] = None
+            row[WAITING_SINCE] = None
 
     def touch_only(self, e: Event) -> None:
         self._touch(e)
+
+    def follow_up(self, e: Event) -> None:
+        """A delivery receipt or a survey answer: its channel counts, the time does not (a
+        read receipt does not bring a conversation to the top of the inbox)."""
+        row = self._touch(e, update=False)
+        if row is not None:
+            self._channel(row, e.state["channel"])
 
     def reply_queued(self, e: Event) -> None:
         row = self._touch(e)
@@ -389,45 +445,45 @@ class _Batch:
             return
         s = e.state
         self._channel(row, s["channel"])
-        row["last_channel"] = s["channel"]
-        row["last_text"] = s["text"]
-        row["last_at"] = s["at"]
-        row["last_direction"] = "out"
-        row["waiting_since"] = None
+        row[LAST_CHANNEL] = s["channel"]
+        row[LAST_TEXT] = s["text"]
+        row[LAST_AT] = s["at"]
+        row[LAST_DIRECTION] = "out"
+        row[WAITING_SINCE] = None
 
     def assigned(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
-            row["assignee"] = e.state["agent"]
+            row[ASSIGNEE] = e.state["agent"]
 
     def transferred(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
-            row["queue"] = e.state["queue"]
-            row["assignee"] = None
+            row[QUEUE] = e.state["queue"]
+            row[ASSIGNEE] = None
 
     def escalated(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
-            row["escalated"] = 1
+            row[ESCALATED] = 1
 
     def marked_pending(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
-            row["status"] = PENDING
+            row[STATUS] = PENDING
 
     def resolved(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
-            row["status"] = RESOLVED
-            row["resolved_at"] = e.state["at"]
-            row["waiting_since"] = None
+            row[STATUS] = RESOLVED
+            row[RESOLVED_AT] = e.state["at"]
+            row[WAITING_SINCE] = None
 
     def reopened(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
-            row["status"] = OPEN
-            row["resolved_at"] = None
+            row[STATUS] = OPEN
+            row[RESOLVED_AT] = None
 
     # -- customers ----------------------------------------------------------------------
 
@@ -463,7 +519,7 @@ class _Batch:
         for conv_id in conversation_ids:
             row = self._conv(conv_id)
             if row is not None:
-                row["owner_id"] = owner
+                row[OWNER_ID] = owner
                 self.dirty_convs.add(conv_id)
 
     def merged(self, e: Event) -> None:
@@ -514,10 +570,8 @@ class _Batch:
             self.dirty_claims.add(e.originator_id)
 
 
-def _conv_from_row(row: tuple[Any, ...]) -> dict[str, Any]:
-    record = dict(zip(_CONV_COLUMNS, row, strict=True))
-    record["channels"] = orjson.loads(record["channels"])
-    return record
+def _conv_from_row(row: tuple[Any, ...]) -> list[Any]:
+    return list(row)
 
 
 def _cust_from_row(row: tuple[Any, ...]) -> dict[str, Any]:

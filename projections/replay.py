@@ -18,7 +18,7 @@ from infra.store import EventStore, open_event_store
 from projections.base import Projection
 from projections.db import ReadModelDB, open_read_models
 from projections.inbox_view import InboxView
-from projections.runner import ProjectionRunner, apply_batch
+from projections.runner import LogSource, ProjectionRunner, apply_batch, read_log
 from projections.timeline import Timeline
 from projections.tracking import (
     STATE_TABLE,
@@ -73,13 +73,13 @@ def _unfinished(db: ReadModelDB, name: str) -> list[GenerationState]:
 
 
 def rebuild(
-    store: EventStore,
+    store: EventStore | LogSource,
     db: ReadModelDB,
     name: str,
     *,
     from_start: bool,
     progress: Progress | None = None,
-    batch_size: int = 5000,
+    batch_size: int = 20_000,
 ) -> ReplayResult:
     """Rebuilds projection `name` into a new generation and swaps it in.
 
@@ -101,7 +101,7 @@ def rebuild(
     generation, position = target.generation, target.position
     replayed = 0
     while True:
-        notifications = store.notifications(position, batch_size)
+        notifications = read_log(store, position, batch_size)
         if notifications:
             try:
                 position = apply_batch(

@@ -13,13 +13,17 @@ eventsourcing's SQLite recorder cannot `subscribe()`, so `run_forever` polls.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 from eventsourcing.persistence import Notification
+from eventsourcing.sqlite import SQLiteProcessRecorder
 
 from infra.store import EventStore
 from projections.base import Event, Projection
@@ -28,7 +32,61 @@ from projections.tracking import PositionConflict, advance, ensure_active, ensur
 
 log = logging.getLogger(__name__)
 
+# A notification as read from the log: (id, topic, originator_id, originator_version, state);
+# the originator id as 32 hex digits (SQLite's column) or in the canonical UUID form.
+Record = tuple[int, str, str, int, bytes]
+
 _names: dict[str, str] = {}
+
+
+class LogSource(Protocol):
+    """What the runner reads of the event store (`EventStore` has it)."""
+
+    def notifications(self, after: int, limit: int) -> Sequence[Notification]: ...
+
+    def max_notification_id(self) -> int: ...
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cycle collector off while a batch is decoded and applied: a batch allocates a
+    great many small acyclic objects, and with a projection's rows kept in memory every
+    collection would walk them all (this alone is a third of a replay's time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def read_log(store: LogSource, after: int, limit: int) -> list[Record]:
+    """Up to `limit` notifications after `after`, as plain tuples.
+
+    On SQLite the stored events are read straight from eventsourcing's table (the same
+    statement as `select_notifications`, without a Notification and a UUID per row: that
+    doubles the replay rate); otherwise through `store.notifications`."""
+    recorder = getattr(store, "recorder", None)
+    if (
+        isinstance(recorder, SQLiteProcessRecorder)
+        and recorder.datastore.originator_id_type == "uuid"
+    ):
+        with gc_paused(), recorder.datastore.transaction(commit=False) as c:
+            cursor = c.sqlite_cursor
+            cursor.row_factory = None
+            cursor.execute(
+                "SELECT rowid, topic, originator_id, originator_version, state "
+                f"FROM {recorder.events_table_name} WHERE rowid>? ORDER BY rowid LIMIT ?",
+                (after, limit),
+            )
+            records: list[Record] = cursor.fetchall()
+            return records
+    with gc_paused():
+        return [
+            (n.id, n.topic, str(n.originator_id), n.originator_version, n.state)
+            for n in store.notifications(after, limit)
+        ]
 
 
 def event_name(topic: str) -> str:
@@ -39,17 +97,18 @@ def event_name(topic: str) -> str:
     return name
 
 
-def decode(notifications: Iterable[Notification], handles: frozenset[str]) -> list[Event]:
-    """The notifications a projection handles, decoded (the others are skipped undecoded)."""
+def decode(records: Iterable[Record], handles: frozenset[str]) -> list[Event]:
+    """The records a projection handles, decoded (the others are skipped undecoded)."""
     names = _names
     loads = orjson.loads
     events: list[Event] = []
     append = events.append
-    for n in notifications:
-        topic = n.topic
+    for nid, topic, oid, version, state in records:
         name = names.get(topic) or event_name(topic)
         if name in handles:
-            append(Event(n.id, name, str(n.originator_id), n.originator_version, loads(n.state)))
+            if len(oid) == 32:
+                oid = f"{oid[:8]}-{oid[8:12]}-{oid[12:16]}-{oid[16:20]}-{oid[20:]}"
+            append(Event(nid, name, oid, version, loads(state)))
     return events
 
 
@@ -58,25 +117,36 @@ def apply_batch(
     projection: Projection,
     generation: int,
     position: int,
-    notifications: Sequence[Notification],
+    records: Sequence[Record],
     *,
     require_active: bool,
     events: Sequence[Event] | None = None,
 ) -> int:
-    """Applies notifications after `position` to a generation, with the position, in one
-    transaction; returns the new position. Raises PositionConflict (nothing written) when
+    """Applies the records read after `position` to a generation, with the new position, in
+    one transaction; returns the new position. Raises PositionConflict (nothing written) when
     the generation is no longer at `position`."""
-    if not notifications:
+    if not records:
         return position
     if events is None:
-        events = decode(notifications, projection.handles)
-    new_position = notifications[-1].id
-    with db.transaction() as tx:
-        advance(
-            tx, projection.name, generation, position, new_position, require_active=require_active
-        )
-        if events:
-            projection.apply(tx, generation, events)
+        with gc_paused():
+            events = decode(records, projection.handles)
+    new_position = records[-1][0]
+    try:
+        with gc_paused(), db.transaction() as tx:
+            advance(
+                tx,
+                projection.name,
+                generation,
+                position,
+                new_position,
+                require_active=require_active,
+            )
+            if events:
+                projection.apply(tx, generation, events, position=position)
+    except BaseException:
+        projection.forget()
+        raise
+    projection.committed(generation, new_position)
     return new_position
 
 
@@ -90,7 +160,7 @@ class ProjectionRunner:
     """Feeds the active generation of each projection from the notification log."""
 
     def __init__(
-        self, store: EventStore, db: ReadModelDB, projections: Sequence[Projection]
+        self, store: EventStore | LogSource, db: ReadModelDB, projections: Sequence[Projection]
     ) -> None:
         self.store = store
         self.db = db
@@ -129,11 +199,12 @@ class ProjectionRunner:
             by_position.setdefault(position, []).append((projection, generation))
         done = 0
         for position, group in by_position.items():
-            notifications = self.store.notifications(position, limit)
+            notifications = read_log(self.store, position, limit)
             if not notifications:
                 continue
             handles = frozenset().union(*(p.handles for p, _ in group))
-            decoded = decode(notifications, handles) if len(group) > 1 else None
+            with gc_paused():
+                decoded = decode(notifications, handles) if len(group) > 1 else None
             for projection, generation in group:
                 events = (
                     None

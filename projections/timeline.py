@@ -108,13 +108,19 @@ class Timeline:
             "version INTEGER NOT NULL, notification_id BIGINT NOT NULL, event TEXT NOT NULL, "
             "kind TEXT NOT NULL, direction TEXT, channel TEXT, at TEXT NOT NULL, text TEXT, "
             "source_event_id TEXT, actor TEXT, data TEXT NOT NULL, "
-            "PRIMARY KEY (conversation_id, version))"
+            "PRIMARY KEY (conversation_id, version))" + ("" if tx.is_postgres else " WITHOUT ROWID")
         )
 
     def create_indexes(self, tx: Tx, generation: int) -> None:
         """The primary key is the only index reads need."""
 
-    def apply(self, tx: Tx, generation: int, events: Sequence[Event]) -> None:
+    def committed(self, generation: int, position: int) -> None:
+        """Nothing kept in memory."""
+
+    def forget(self) -> None:
+        """Nothing kept in memory."""
+
+    def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
         rows = []
         dumps = orjson.dumps
         for e in events:

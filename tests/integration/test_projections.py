@@ -1,0 +1,621 @@
+"""Projections against real SQLite and PostgreSQL: events go in through the real ingest path
+(`Ingestor.apply_batch` with contact events) and agent commands on the real aggregates; the
+runner and the rebuild read them back from the store's notification log."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import pytest
+from eventsourcing.persistence import Notification, Tracking
+
+from inbox.contact import ContactEvent, CustomerRef, validate
+from inbox.domain import ids
+from inbox.domain.conversation import Conversation
+from inbox.domain.customer import Customer
+from inbox.ingest import Ingestor
+from infra.store import ContactEventRow, EventStore, open_event_store
+from projections.base import Projection
+from projections.db import ReadModelDB, Tx, open_read_models
+from projections.inbox_view import InboxView, QueryError, get_customer, list_conversations
+from projections.replay import PROJECTIONS, rebuild
+from projections.runner import ProjectionRunner
+from projections.timeline import Timeline, get_conversation
+from projections.tracking import active_generation, generations
+from tests.conftest import SettingsFactory
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+AGENT = "agent:ann"
+
+
+def contact(
+    event_id: str,
+    minute: float,
+    *,
+    channel: str = "email",
+    type: str = "message.received",
+    email: str | None = None,
+    phone: str | None = None,
+    name: str | None = None,
+    payload: dict[str, Any] | None = None,
+) -> ContactEvent:
+    if payload is None and type == "message.received":
+        payload = {"text": f"text of {event_id}"}
+    raw = ContactEvent(
+        event_id=event_id,
+        occurred_at=T0 + timedelta(minutes=minute),
+        channel=channel,  # type: ignore[arg-type]
+        type=type,  # type: ignore[arg-type]
+        customer=CustomerRef(email=email, phone=phone, name=name),
+        payload=payload or {},
+    )
+    return validate(raw, now=T0 + timedelta(days=30))
+
+
+@dataclass
+class World:
+    """The event store and read models of one test, and how events get into the store."""
+
+    store: EventStore
+    db: ReadModelDB
+    ingestor: Ingestor
+    offset: int = 0
+    runners: list[ProjectionRunner] = field(default_factory=list)
+
+    def ingest(self, *events: ContactEvent) -> None:
+        batch = []
+        for event in events:
+            batch.append((event, ContactEventRow(event.event_id, "contact-events", 0, self.offset)))
+            self.offset += 1
+        self.ingestor.apply_batch(batch, Tracking("contact-events:0", self.offset))
+
+    def conversation_of(self, identity_key: str) -> Conversation:
+        claim = self.store.get(ids.claim_id(identity_key))
+        customer = self.store.get(UUID(claim.customer_id))
+        while customer.merged_into is not None:
+            customer = self.store.get(UUID(customer.merged_into))
+        conversation: Conversation = self.store.get(UUID(customer.current_conversation_id))
+        return conversation
+
+    def customer_of(self, identity_key: str) -> Customer:
+        claim = self.store.get(ids.claim_id(identity_key))
+        customer: Customer = self.store.get(UUID(claim.customer_id))
+        return customer
+
+    def runner(self) -> ProjectionRunner:
+        runner = ProjectionRunner(self.store, self.db, [InboxView(), Timeline()])
+        self.runners.append(runner)
+        return runner
+
+    def catch_up(self) -> None:
+        ProjectionRunner(self.store, self.db, [InboxView(), Timeline()]).run_until_caught_up()
+
+    def merge(self, survivor_key: str, other_key: str) -> None:
+        survivor, other = self.customer_of(survivor_key), self.customer_of(other_key)
+        survivor.absorb(other, actor=AGENT, at="2026-03-02T12:00:00.000000Z")
+        claims = [self.store.get(ids.claim_id(key)) for key in other.identities]
+        for claim in claims:
+            claim.reassign(
+                str(survivor.id), reason="merge", actor=AGENT, at="2026-03-02T12:00:00.000000Z"
+            )
+        self.store.save(survivor, other, *claims)
+
+    def unmerge(self, survivor_key: str, other_id: UUID) -> None:
+        survivor = self.customer_of(survivor_key)
+        other = self.store.get(other_id)
+        identities = survivor.undo_merge(other, actor=AGENT, at="2026-03-02T13:00:00.000000Z")
+        claims = [self.store.get(ids.claim_id(key)) for key in identities]
+        for claim in claims:
+            claim.reassign(
+                str(other.id), reason="unmerge", actor=AGENT, at="2026-03-02T13:00:00.000000Z"
+            )
+        self.store.save(survivor, other, *claims)
+
+
+@pytest.fixture
+def world(database_url: str, settings: SettingsFactory) -> Iterator[World]:
+    config = settings(database_url, bootstrap=None)
+    store = open_event_store(config)
+    db = open_read_models(config)
+    try:
+        yield World(store, db, Ingestor(store))
+    finally:
+        db.close()
+        store.close()
+
+
+def at(minute: float) -> str:
+    return (T0 + timedelta(minutes=minute)).replace(tzinfo=None).isoformat(
+        timespec="microseconds"
+    ) + "Z"
+
+
+def alice_story(w: World) -> Conversation:
+    """Alice writes, calls through the IVR, gets an agent, a reply, a note, a resolution."""
+    w.ingest(
+        contact("m1", 0, email="alice@example.com", phone="+14155550123", name="Alice"),
+        contact(
+            "c1",
+            5,
+            channel="voice",
+            type="call.started",
+            phone="+14155550123",
+            payload={"call_sid": "CA1", "to": "+14155550100"},
+        ),
+        contact(
+            "c2",
+            5.5,
+            channel="voice",
+            type="ivr.selected",
+            phone="+14155550123",
+            payload={"call_sid": "CA1", "node": "main", "choice": "2", "path": ["main"]},
+        ),
+        contact(
+            "c3",
+            6,
+            channel="voice",
+            type="call.queued",
+            phone="+14155550123",
+            payload={"call_sid": "CA1", "queue": "billing"},
+        ),
+    )
+    conversation = w.conversation_of("email:alice@example.com")
+    conversation.assign("ann", actor=AGENT, at=at(7))
+    conversation.transfer("billing", actor=AGENT, at=at(7.5))
+    conversation.queue_reply("r1", "email", "We are on it", actor=AGENT, at=at(8))
+    conversation.add_note("asked for invoice", actor=AGENT, at=at(9))
+    w.store.save(conversation)
+    w.ingest(
+        contact(
+            "c4",
+            10,
+            channel="voice",
+            type="call.answered",
+            phone="+14155550123",
+            payload={"call_sid": "CA1", "queue": "billing", "agent": "ann"},
+        ),
+        contact(
+            "d1",
+            11,
+            type="delivery.status",
+            email="alice@example.com",
+            payload={"message_id": "r1", "status": "delivered"},
+        ),
+    )
+    conversation = w.conversation_of("email:alice@example.com")
+    conversation.resolve(actor=AGENT, at=at(12))
+    w.store.save(conversation)
+    w.ingest(
+        contact(
+            "s1",
+            13,
+            channel="sms",
+            type="csat.submitted",
+            phone="+14155550123",
+            payload={"score": 5, "comment": "great"},
+        )
+    )
+    return conversation
+
+
+def test_inbox_view_and_timeline_follow_the_log(world: World) -> None:
+    conversation = alice_story(world)
+    runner = world.runner()
+    assert runner.run_once() > 0
+    runner.run_until_caught_up()
+
+    assert list_conversations(world.db)["items"] == []  # resolved: not in the default view
+    page = list_conversations(world.db, status="resolved")
+    (item,) = page["items"]
+    assert page["next"] is None
+    alice = world.customer_of("email:alice@example.com")
+    assert item["id"] == str(conversation.id)
+    assert item["customer"] == {
+        "id": str(alice.id),
+        "name": "Alice",
+        "identities": ["email:alice@example.com", "phone:+14155550123"],
+    }
+    assert item["channels"] == ["email", "voice", "sms"]
+    assert item["status"] == "resolved"
+    assert item["assignee"] is None  # the transfer to billing unassigned it
+    assert item["queue"] == "billing"
+    assert item["priority"] == "normal"
+    assert item["last_message"] == {
+        "channel": "email",
+        "text": "We are on it",
+        "at": at(8),
+        "direction": "out",
+    }
+    assert item["waiting_since"] is None
+    assert item["sla_due_at"] is None
+    assert item["opened_at"] == at(0)
+    assert item["updated_at"] == at(12)
+
+    detail = get_conversation(world.db, str(conversation.id))
+    assert detail is not None
+    timeline = detail["timeline"]
+    assert [(e["kind"], e["direction"], e["event"]) for e in timeline] == [
+        ("status", None, "Opened"),
+        ("message", "in", "MessageReceived"),
+        ("call", "in", "ActivityRecorded"),
+        ("ivr", "in", "ActivityRecorded"),
+        ("call", "in", "ActivityRecorded"),
+        ("status", None, "Assigned"),
+        ("status", None, "Transferred"),
+        ("message", "out", "ReplyQueued"),
+        ("note", None, "NoteAdded"),
+        ("call", "in", "ActivityRecorded"),
+        ("delivery", "out", "DeliveryStatusRecorded"),
+        ("status", None, "Resolved"),
+        ("csat", "in", "CsatSubmitted"),
+    ]
+    assert timeline[1]["text"] == "text of m1"
+    assert timeline[1]["source_event_id"] == "m1"
+    assert timeline[1]["channel"] == "email"
+    assert timeline[3]["data"]["choice"] == "2"
+    assert timeline[3]["data"]["activity"] == "ivr.selected"
+    assert timeline[5]["actor"] == AGENT
+    assert timeline[5]["data"]["agent"] == "ann"
+    assert timeline[7]["text"] == "We are on it"
+    assert timeline[10]["data"]["status"] == "delivered"
+    assert timeline[12]["data"]["score"] == 5
+    assert [e["at"] for e in timeline][:2] == [at(0), at(0)]
+    assert detail["previous"] == []
+
+
+def test_filters_status_assignee_queue_channel(world: World) -> None:
+    world.ingest(
+        contact("a", 0, email="a@example.com"),
+        contact("b", 1, email="b@example.com"),
+        contact("c", 2, channel="sms", phone="+14155550111"),
+    )
+    conv_a = world.conversation_of("email:a@example.com")
+    conv_a.assign("ann", actor=AGENT, at=at(3))
+    conv_a.mark_pending(actor=AGENT, at=at(4))
+    conv_b = world.conversation_of("email:b@example.com")
+    conv_b.transfer("sales", actor=AGENT, at=at(3))
+    world.store.save(conv_a, conv_b)
+    world.catch_up()
+
+    def ids_of(**filters: Any) -> list[str]:
+        return [i["id"] for i in list_conversations(world.db, **filters)["items"]]
+
+    a, b = str(conv_a.id), str(conv_b.id)
+    c = str(world.conversation_of("phone:+14155550111").id)
+    assert ids_of() == [a, b, c]  # newest update first
+    assert ids_of(status="pending") == [a]
+    assert ids_of(status="open") == [b, c]
+    assert ids_of(status="all", assignee="ann") == [a]
+    assert ids_of(queue="sales") == [b]
+    assert ids_of(channel="sms") == [c]
+    assert ids_of(channel="voice") == []
+    with pytest.raises(QueryError):
+        list_conversations(world.db, status="closed")
+    with pytest.raises(QueryError):
+        list_conversations(world.db, limit=501)
+    with pytest.raises(QueryError):
+        list_conversations(world.db, cursor="not a cursor")
+
+
+def test_customer_filter_by_id_and_identity_key(world: World) -> None:
+    world.ingest(
+        contact("a1", 0, email="alice@example.com", phone="+14155550123"),
+        contact("b1", 1, email="bob@example.com"),
+    )
+    world.catch_up()
+    alice = world.customer_of("email:alice@example.com")
+    conv = str(world.conversation_of("email:alice@example.com").id)
+
+    def ids_of(customer: str) -> list[str]:
+        return [i["id"] for i in list_conversations(world.db, customer=customer)["items"]]
+
+    assert ids_of(str(alice.id)) == [conv]
+    assert ids_of("email:Alice@Example.com") == [conv]  # keys are normalised
+    assert ids_of("phone:+1 415 555 0123") == [conv]
+    assert ids_of("email:nobody@example.com") == []
+    with pytest.raises(QueryError):
+        ids_of("email:not-an-address")
+    customer = get_customer(world.db, "phone:+14155550123")
+    assert customer is not None
+    assert customer["id"] == str(alice.id)
+    assert [c["id"] for c in customer["conversations"]] == [conv]
+    assert get_customer(world.db, "no-such-customer") is None
+
+
+def test_merge_and_undo_are_visible_in_the_view(world: World) -> None:
+    world.ingest(
+        contact("a1", 0, email="alice@example.com", name="Alice"),
+        contact("p1", 1, channel="sms", phone="+14155550123"),
+    )
+    world.catch_up()
+    alice = world.customer_of("email:alice@example.com")
+    other = world.customer_of("phone:+14155550123")
+    other_conv = str(world.conversation_of("phone:+14155550123").id)
+    alice_conv = str(world.conversation_of("email:alice@example.com").id)
+    assert alice.id != other.id
+
+    world.merge("email:alice@example.com", "phone:+14155550123")
+    world.catch_up()
+    items = list_conversations(world.db, customer="email:alice@example.com")["items"]
+    assert {i["id"] for i in items} == {alice_conv, other_conv}
+    for item in items:
+        assert item["customer"]["id"] == str(alice.id)
+        assert item["customer"]["identities"] == ["email:alice@example.com", "phone:+14155550123"]
+    # The absorbed customer's id and key lead to the survivor.
+    assert len(list_conversations(world.db, customer=str(other.id))["items"]) == 2
+    assert len(list_conversations(world.db, customer="phone:+14155550123")["items"]) == 2
+    merged = get_customer(world.db, str(other.id))
+    assert merged is not None
+    assert merged["merged_into"] == str(alice.id)
+    detail = get_conversation(world.db, alice_conv)
+    assert detail is not None
+    assert [p["id"] for p in detail["previous"]] == [other_conv]
+
+    world.unmerge("email:alice@example.com", other.id)
+    world.catch_up()
+    (mine,) = list_conversations(world.db, customer="email:alice@example.com")["items"]
+    assert mine["id"] == alice_conv
+    assert mine["customer"]["identities"] == ["email:alice@example.com"]
+    (theirs,) = list_conversations(world.db, customer="phone:+14155550123")["items"]
+    assert theirs["id"] == other_conv
+    assert theirs["customer"]["id"] == str(other.id)
+    restored = get_customer(world.db, str(other.id))
+    assert restored is not None
+    assert restored["merged_into"] is None
+
+
+def test_cursor_paging_returns_every_row_once(world: World) -> None:
+    # 120 conversations; groups of 7 share an update time, so ties are broken by id.
+    world.ingest(*[contact(f"m{i}", i // 7, email=f"customer{i}@example.com") for i in range(120)])
+    world.catch_up()
+    seen: list[str] = []
+    pages = 0
+    cursor: str | None = None
+    while True:
+        page = list_conversations(world.db, limit=50, cursor=cursor)
+        pages += 1
+        seen.extend(item["id"] for item in page["items"])
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert len(seen) == 120
+    assert len(set(seen)) == 120
+    everything = list_conversations(world.db, limit=500)
+    assert [i["id"] for i in everything["items"]] == seen
+    assert everything["next"] is None
+
+
+def busy_history(w: World, customers: int = 30) -> None:
+    """A mixed history: several channels, agent commands, resolutions, a new conversation
+    after the reopen window, a merge."""
+    w.ingest(
+        *[
+            contact(f"first{i}", i, email=f"c{i}@example.com", phone=f"+1415555{i:04d}")
+            for i in range(customers)
+        ]
+    )
+    for i in range(0, customers, 3):
+        conv = w.conversation_of(f"email:c{i}@example.com")
+        conv.assign("ann", actor=AGENT, at=at(100 + i))
+        conv.queue_reply(f"r{i}", "email", f"reply {i}", actor=AGENT, at=at(101 + i))
+        conv.resolve(actor=AGENT, at=at(102 + i))
+        w.store.save(conv)
+    w.ingest(
+        *[
+            contact(
+                f"call{i}",
+                200 + i,
+                channel="voice",
+                type="call.started",
+                phone=f"+1415555{i:04d}",
+                payload={"call_sid": f"CA{i}", "to": "+14155550100"},
+            )
+            for i in range(0, customers, 2)
+        ]
+    )
+    # After the reopen window a message opens a new conversation.
+    w.ingest(contact("late0", 60 * 24 * 9, email="c0@example.com"))
+    w.merge("email:c1@example.com", "email:c2@example.com")
+
+
+def rows(db: ReadModelDB, tables: Sequence[str]) -> dict[str, list[tuple[Any, ...]]]:
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    with db.read() as tx:
+        for name in tables:
+            out[name.rsplit("_g", 1)[0]] = sorted(
+                tx.execute(f"SELECT * FROM {name}").fetchall(), key=repr
+            )
+    return out
+
+
+def active_tables(db: ReadModelDB, projection: Projection) -> list[str]:
+    with db.read() as tx:
+        state = active_generation(tx, projection.name)
+    assert state is not None
+    return projection.tables(state.generation)
+
+
+def test_replay_equals_live_row_for_row(world: World) -> None:
+    busy_history(world)
+    world.catch_up()
+    for name, factory in PROJECTIONS.items():
+        projection = factory()
+        live_tables = active_tables(world.db, projection)
+        live = rows(world.db, live_tables)
+        assert all(live.values())
+        result = rebuild(world.store, world.db, name, from_start=True, batch_size=37)
+        assert result.previous_generation == 1
+        assert result.generation == 2
+        assert result.position == world.store.max_notification_id()
+        replayed_tables = active_tables(world.db, projection)
+        assert replayed_tables != live_tables
+        assert rows(world.db, replayed_tables) == live
+        for old in live_tables:
+            assert not world.db.table_exists(old)
+    # The swapped-in generations keep following the log.
+    world.ingest(contact("after", 10_000, email="new@example.com"))
+    world.catch_up()
+    items = list_conversations(world.db, customer="email:new@example.com")["items"]
+    assert len(items) == 1
+
+
+def test_rebuild_resumes_while_the_old_generation_serves(world: World) -> None:
+    busy_history(world)
+    world.catch_up()
+    before = list_conversations(world.db, status="all", limit=500)
+    live = rows(world.db, active_tables(world.db, InboxView()))
+
+    class Stop(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def stop_after_two(position: int, head: int) -> None:
+        calls.append(position)
+        assert position <= head
+        if len(calls) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        rebuild(
+            world.store, world.db, "inbox", from_start=True, progress=stop_after_two, batch_size=40
+        )
+    with world.db.read() as tx:
+        states = generations(tx, "inbox")
+    log = [n.id for n in world.store.notifications(0, 100_000)]
+    assert [(s.generation, s.active, s.position) for s in states] == [
+        (1, True, log[-1]),
+        (2, False, log[79]),
+    ]
+    # Generation 1 still serves.
+    assert list_conversations(world.db, status="all", limit=500) == before
+
+    resumed: list[int] = []
+    result = rebuild(
+        world.store,
+        world.db,
+        "inbox",
+        from_start=False,
+        progress=lambda position, head: resumed.append(position),
+        batch_size=40,
+    )
+    assert result.generation == 2
+    assert resumed[0] == log[119]  # carried on after the 80 already replayed
+    assert rows(world.db, active_tables(world.db, InboxView())) == live
+    assert list_conversations(world.db, status="all", limit=500) == before
+
+
+class InterleavedStore:
+    """The real event store; while the first runner holds its batch, `other` runs a round."""
+
+    def __init__(self, store: EventStore, other: ProjectionRunner) -> None:
+        self.store = store
+        self.other = other
+        self.interleaved = False
+
+    def notifications(self, after: int, limit: int) -> Sequence[Notification]:
+        batch = self.store.notifications(after, limit)
+        if batch and not self.interleaved:
+            self.interleaved = True
+            self.other.run_once(limit)
+        return batch
+
+    def max_notification_id(self) -> int:
+        return self.store.max_notification_id()
+
+
+def conversation_event_counts(db: ReadModelDB) -> dict[str, int]:
+    with db.read() as tx:
+        (conv_table,) = [t for t in active_tables(db, InboxView()) if "conversations" in t]
+        return {
+            str(conv_id): int(n)
+            for conv_id, n in tx.execute(f"SELECT id, events FROM {conv_table}").fetchall()
+        }
+
+
+def test_two_runners_never_apply_a_batch_twice(world: World) -> None:
+    busy_history(world, customers=12)
+    winner = world.runner()
+    loser = ProjectionRunner(
+        InterleavedStore(world.store, winner),
+        world.db,
+        [InboxView(), Timeline()],
+    )
+    applied = loser.run_once(limit=10_000)
+    assert applied == 0  # the winner moved both positions first: the loser rolled back
+    assert loser.stats.conflicts == {"inbox": 1, "timeline": 1}
+    total = len(world.store.notifications(0, 100_000))  # PostgreSQL's ids may have gaps
+    assert winner.stats.processed == {"inbox": total, "timeline": total}
+    # The loser re-reads its positions and finds nothing left to do.
+    assert loser.run_once() == 0
+
+    # Each conversation counted each of its events exactly once; each timeline entry once.
+    expected: dict[str, int] = {}
+    for n in world.store.notifications(0, 100_000):
+        if n.topic.startswith("inbox.domain.conversation:"):
+            key = str(n.originator_id)
+            expected[key] = expected.get(key, 0) + 1
+    assert conversation_event_counts(world.db) == expected
+    (entries,) = active_tables(world.db, Timeline())
+    with world.db.read() as tx:
+        tx.execute(f"SELECT conversation_id, COUNT(*) FROM {entries} GROUP BY conversation_id")
+        assert {str(k): int(v) for k, v in tx.fetchall()} == expected
+
+
+def test_concurrent_runners_in_threads_match_a_single_replay(world: World) -> None:
+    busy_history(world, customers=40)
+    stop = threading.Event()
+    runners = [world.runner() for _ in range(2)]
+    threads = [
+        threading.Thread(target=r.run_forever, args=(stop,), kwargs={"limit": 7}) for r in runners
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(40):
+            world.ingest(contact(f"more{i}", 300 + i, email=f"c{i}@example.com"))
+        head = world.store.max_notification_id()
+        probe = world.runner()
+        for _ in range(400):
+            if all(p == head for _, p in probe.positions().values()):
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert all(p == head for _, p in probe.positions().values())
+    processed = sum(r.stats.processed["inbox"] for r in runners)
+    assert processed == len(world.store.notifications(0, 100_000))  # each one once
+    live = rows(world.db, active_tables(world.db, InboxView()))
+    rebuild(world.store, world.db, "inbox", from_start=True)
+    assert rows(world.db, active_tables(world.db, InboxView())) == live
+
+
+def test_read_model_db_translates_placeholders(world: World) -> None:
+    with world.db.transaction() as tx:
+        tx.execute("CREATE TABLE scratch_t (k TEXT PRIMARY KEY, v INTEGER)")
+        tx.executemany("INSERT INTO scratch_t VALUES (?, ?)", [("a%", 1), ("b", 2)])
+    with world.db.read() as tx:
+        found = tx.execute(
+            "SELECT k, v FROM scratch_t WHERE k LIKE '%\\%%' ESCAPE '\\' OR v=?", (2,)
+        )
+        assert sorted(found.fetchall()) == [("a%", 1), ("b", 2)]
+        assert tx.execute("SELECT v FROM scratch_t WHERE k=?", ("zz",)).fetchone() is None
+
+    def fails(tx: Tx) -> None:
+        tx.execute("INSERT INTO scratch_t VALUES (?, ?)", ("c", 3))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError), world.db.transaction() as tx:
+        fails(tx)
+    with world.db.read() as tx:
+        assert tx.execute("SELECT COUNT(*) FROM scratch_t").fetchone() == (2,)
+    assert world.db.table_exists("scratch_t")
+    assert not world.db.table_exists("no_such_table")
