@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from inbox import audit, telemetry
+from inbox.commands import Commands, NotFound
 from inbox.domain.errors import ConversationStateError, CustomerMergeError, DomainError
 from inbox.identity import InvalidIdentity, parse_key
 from infra.store import EventStore
@@ -50,6 +51,11 @@ class ApiContext:
     store: EventStore
     read_models: ReadModelDB
     admin_token: str
+    commands: Commands | None = None
+
+    def __post_init__(self) -> None:
+        if self.commands is None:
+            self.commands = Commands(self.store)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -59,6 +65,10 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 async def _api_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return _error(exc.status, exc.code, exc.message)
+
+
+async def _not_found(_: Request, exc: Exception) -> Response:
+    return _error(404, "not_found", str(exc))
 
 
 async def _domain_error(_: Request, exc: Exception) -> Response:
@@ -178,6 +188,111 @@ async def get_customer(request: Request) -> Response:
     return JSONResponse(customer)
 
 
+async def _body(request: Request, *required: str) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "the body must be a JSON object")
+    for name in required:
+        value = body.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise ApiError(422, "invalid", f"{name} is required (a non-empty string)")
+    return body
+
+
+def _commands(request: Request) -> Commands:
+    commands = _context(request).commands
+    assert commands is not None
+    return commands
+
+
+def _changed(conversation: Any, status: int = 200, **extra: Any) -> JSONResponse:
+    return JSONResponse(
+        {
+            "id": str(conversation.id),
+            "status": conversation.status,
+            "version": conversation.version,
+            **extra,
+        },
+        status_code=status,
+    )
+
+
+_CONVERSATION_COMMANDS: dict[str, tuple[str, ...]] = {
+    "notes": ("text",),
+    "assign": ("agent",),
+    "transfer": ("queue",),
+    "escalate": ("reason",),
+    "resolve": (),
+    "reopen": (),
+    "pending": (),
+}
+
+
+async def conversation_command(request: Request) -> Response:
+    role = _authenticate(request)
+    conversation_id = _uuid(request.path_params["id"], "conversation")
+    command = request.path_params["command"]
+    if command not in _CONVERSATION_COMMANDS:
+        raise ApiError(404, "not_found", f"no command {command!r}")
+    body = await _body(request, *_CONVERSATION_COMMANDS[command])
+    commands = _commands(request)
+    actor = role
+    act: dict[str, Callable[[], Any]] = {
+        "notes": lambda: commands.add_note(conversation_id, body["text"], actor=actor),
+        "assign": lambda: commands.assign(conversation_id, body["agent"], actor=actor),
+        "transfer": lambda: commands.transfer(conversation_id, body["queue"], actor=actor),
+        "escalate": lambda: commands.escalate(conversation_id, body["reason"], actor=actor),
+        "resolve": lambda: commands.resolve(conversation_id, actor=actor),
+        "reopen": lambda: commands.reopen(conversation_id, actor=actor),
+        "pending": lambda: commands.mark_pending(conversation_id, actor=actor),
+    }
+    conversation = await _off_loop(act[command])
+    return _changed(conversation, 201 if command == "notes" else 200)
+
+
+_REPLY_CHANNELS = _CHANNELS - {"voice"}
+
+
+async def reply(request: Request) -> Response:
+    role = _authenticate(request)
+    conversation_id = _uuid(request.path_params["id"], "conversation")
+    body = await _body(request, "text")
+    channel = body.get("channel")
+    if channel is not None and channel not in _REPLY_CHANNELS:
+        raise ApiError(
+            422, "invalid", f"channel must be one of {', '.join(sorted(_REPLY_CHANNELS))}"
+        )
+    conversation, message_id = await _off_loop(
+        _commands(request).reply, conversation_id, body["text"], channel=channel, actor=role
+    )
+    return _changed(conversation, 202, message_id=message_id)
+
+
+async def merge_customers(request: Request) -> Response:
+    role = _authenticate(request)
+    customer_id = _uuid(request.path_params["id"], "customer")
+    body = await _body(request, "other")
+    other = _uuid(body["other"], "customer")
+    survivor = await _off_loop(_commands(request).merge, customer_id, other, actor=role)
+    return JSONResponse({"id": str(survivor.id), "identities": survivor.identities})
+
+
+async def unmerge_customer(request: Request) -> Response:
+    role = _authenticate(request)
+    customer_id = _uuid(request.path_params["id"], "customer")
+    body = await _body(request, "identity")
+    try:
+        identity = parse_key(body["identity"])
+    except InvalidIdentity as exc:
+        raise ApiError(422, "invalid", f"identity: {exc}") from None
+    restored = await _off_loop(_commands(request).unmerge, customer_id, identity, actor=role)
+    return JSONResponse({"id": str(restored.id), "identities": restored.identities})
+
+
 async def healthz(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -197,7 +312,11 @@ def routes() -> list[BaseRoute]:
         Route("/api/v1/conversations", list_conversations),
         Route("/api/v1/conversations/{id}", get_conversation),
         Route("/api/v1/conversations/{id}/events", conversation_events),
+        Route("/api/v1/conversations/{id}/replies", reply, methods=["POST"]),
+        Route("/api/v1/conversations/{id}/{command}", conversation_command, methods=["POST"]),
         Route("/api/v1/customers/{id}", get_customer),
+        Route("/api/v1/customers/{id}/merge", merge_customers, methods=["POST"]),
+        Route("/api/v1/customers/{id}/unmerge", unmerge_customer, methods=["POST"]),
     ]
 
 
@@ -209,6 +328,7 @@ def create_app(
 ) -> Starlette:
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         ApiError: _api_error,
+        NotFound: _not_found,
         DomainError: _domain_error,
         HTTPException: _http_error,
     }

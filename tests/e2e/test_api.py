@@ -4,88 +4,10 @@ port, worker, projections) driven over real sockets."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import pytest
-
-from infra import composition
-from infra.broker import free_port
-from infra.settings import Settings
-from tests.conftest import SettingsFactory, TopicFactory
+from tests.e2e.conftest import Stack, listed
 from tests.support import contact_event, produce
-
-TOKEN = "test-admin-token"
-
-
-@dataclass
-class Stack:
-    settings: Settings
-    client: httpx.AsyncClient
-
-    async def get(self, path: str, **params: Any) -> httpx.Response:
-        return await self.client.get(path, params=params)
-
-
-@pytest.fixture
-async def stack(
-    settings: SettingsFactory, database_url: str, fresh_topic: TopicFactory
-) -> AsyncIterator[Stack]:
-    topic = fresh_topic("contact-events")
-    config = settings(
-        database_url,
-        INBOX_HTTP_PORT=str(free_port()),
-        INBOX_ADMIN_TOKEN=TOKEN,
-        INBOX_KAFKA_TOPIC=topic,
-        INBOX_CONSUMER_GROUP=f"group-{topic}",
-        INBOX_KAFKA_PARTITIONS="2",
-    )
-    stop = asyncio.Event()
-    lines: list[str] = []
-    task = asyncio.create_task(
-        composition.run(
-            config, http=True, worker=True, projections=True, say=lines.append, stop=stop
-        )
-    )
-    base = f"http://{config.http_host}:{config.http_port}"
-    async with httpx.AsyncClient(
-        base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
-    ) as client:
-
-        async def up() -> bool:
-            try:
-                return (await client.get("/healthz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        for _ in range(200):
-            if task.done() or await up():
-                break
-            await asyncio.sleep(0.05)
-        if task.done():
-            task.result()
-        assert any("HTTP API" in line for line in lines)
-        yield Stack(config, client)
-    stop.set()
-    await asyncio.wait_for(task, 30)
-
-
-async def _listed(stack: Stack, count: int, **params: Any) -> list[dict[str, Any]]:
-    async def probe() -> list[dict[str, Any]] | None:
-        items: list[dict[str, Any]] = (await stack.get("/api/v1/conversations", **params)).json()[
-            "items"
-        ]
-        return items if len(items) >= count else None
-
-    deadline = asyncio.get_running_loop().time() + 30
-    while True:
-        items = await probe()
-        if items is not None:
-            return items
-        assert asyncio.get_running_loop().time() < deadline, "conversations did not show up"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_contact_event_from_any_kafka_client_shows_up_in_the_inbox(stack: Stack) -> None:
@@ -104,7 +26,7 @@ async def test_a_contact_event_from_any_kafka_client_shows_up_in_the_inbox(stack
             ),
         ],
     )
-    items = await _listed(stack, 2)
+    items = await listed(stack, 2)
     by_channel = {item["channels"][0]: item for item in items}
     assert by_channel["sms"]["customer"]["name"] == "Ann"
     assert by_channel["sms"]["last_message"]["text"] == "hello"
@@ -163,7 +85,7 @@ async def test_health_and_prometheus_metrics(stack: Stack) -> None:
         stack.settings.contact_events_topic,
         [contact_event("m1"), b"not json at all"],
     )
-    await _listed(stack, 1)
+    await listed(stack, 1)
 
     async def scraped() -> str | None:
         text = (await stack.get("/metrics")).text
