@@ -21,6 +21,7 @@ from eventsourcing.domain import CanMutateAggregate
 from eventsourcing.persistence import IntegrityError, Tracking
 from eventsourcing.utils import get_topic
 
+from inbox import thread_tokens
 from inbox.contact import ContactEvent
 from inbox.domain import ids
 from inbox.domain.conversation import RESOLVED, Conversation
@@ -244,6 +245,9 @@ def _resolve_customer(uow: _UnitOfWork, event: ContactEvent, at: str) -> Custome
 def _current_conversation(
     uow: _UnitOfWork, customer: Customer, event: ContactEvent, at: str
 ) -> Conversation:
+    threaded = _threaded_conversation(uow, customer, event)
+    if threaded is not None:
+        return threaded
     current_id = customer.current_conversation_id
     conversation: Conversation | None = None
     if current_id is not None:
@@ -262,6 +266,24 @@ def _current_conversation(
     )
     customer.start_conversation(opened.id, at)
     return opened
+
+
+def _threaded_conversation(
+    uow: _UnitOfWork, customer: Customer, event: ContactEvent
+) -> Conversation | None:
+    """The conversation a reply names: by In-Reply-To, then References (newest first), then
+    the reply token. Only one of this customer's own conversations: a token never lets one
+    customer write into another's."""
+    candidates = [thread_tokens.from_message_id(ref) for ref in event.thread.in_reply_to]
+    if event.thread.ref:
+        candidates.append(thread_tokens.from_token(event.thread.ref))
+    own = set(customer.conversations)
+    for candidate in candidates:
+        if candidate is not None and str(candidate) in own:
+            conversation: Conversation | None = uow.get(candidate)
+            if conversation is not None:
+                return conversation
+    return None
 
 
 def _starts_new_conversation(conversation: Conversation, event: ContactEvent) -> bool:
