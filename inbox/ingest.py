@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -212,6 +213,11 @@ class Ingestor:
         )
 
 
+@lru_cache(maxsize=500_000)
+def _uuid(text: str) -> UUID:
+    return UUID(text)
+
+
 def apply_contact_event(uow: _UnitOfWork, event: ContactEvent) -> None:
     """The decisions for one contact event: who it is from and which conversation it joins."""
     at = iso(event.occurred_at)
@@ -226,10 +232,10 @@ def _resolve_customer(uow: _UnitOfWork, event: ContactEvent, at: str) -> Custome
     owner = next((claim.customer_id for claim in claims if claim is not None), None)
     customer: Customer | None = None
     if owner is not None:
-        customer = uow.get(UUID(owner))
+        customer = uow.get(_uuid(owner))
         # A claim always points at the surviving customer, but follow a merge regardless.
         while customer is not None and customer.merged_into is not None:
-            customer = uow.get(UUID(customer.merged_into))
+            customer = uow.get(_uuid(customer.merged_into))
     if customer is None:
         customer = uow.add(Customer(identities=keys, name=event.customer.name, at=at))
     for key, claim in zip(keys, claims, strict=True):
@@ -251,7 +257,7 @@ def _current_conversation(
     current_id = customer.current_conversation_id
     conversation: Conversation | None = None
     if current_id is not None:
-        conversation = uow.get(UUID(current_id))
+        conversation = uow.get(_uuid(current_id))
     if conversation is not None and not _starts_new_conversation(conversation, event):
         return conversation
     opened: Conversation = uow.add(

@@ -13,13 +13,14 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from inbox.domain import ids
+from inbox.domain.base import DomainAggregate
 from inbox.domain.errors import ConversationStateError
 
 OPEN, PENDING, RESOLVED = "open", "pending", "resolved"
 CUSTOMER = "customer"
 
 
-class Conversation(Aggregate):
+class Conversation(DomainAggregate):
     class Opened(Aggregate.Created):
         class_version = 1
         customer_id: str

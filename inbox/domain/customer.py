@@ -13,10 +13,11 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from inbox.domain import ids
+from inbox.domain.base import DomainAggregate
 from inbox.domain.errors import CustomerMergeError
 
 
-class IdentityClaim(Aggregate):
+class IdentityClaim(DomainAggregate):
     """Which customer an identity key (`email:...`, `phone:...`) belongs to."""
 
     class Claimed(Aggregate.Created):
@@ -50,7 +51,7 @@ class IdentityClaim(Aggregate):
             )
 
 
-class Customer(Aggregate):
+class Customer(DomainAggregate):
     class Registered(Aggregate.Created):
         class_version = 1
         identities: list[str]
