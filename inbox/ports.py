@@ -9,6 +9,8 @@ from uuid import UUID
 from eventsourcing.domain import CanMutateAggregate
 from eventsourcing.persistence import Notification, Tracking
 
+from inbox.contact import ContactEvent
+
 
 class ContactEventSource(Protocol):
     """Where a contact event was read: recorded with the domain events it caused."""
@@ -55,6 +57,7 @@ class EventStorePort(Protocol):
 
 
 class Publisher(Protocol):
-    """Produces contact events to Kafka; returns once the broker acknowledged."""
+    """Produces contact events to Kafka; returns once the broker acknowledged, raises
+    adapters.kafka.PublishFailed otherwise."""
 
-    async def publish(self, key: str, value: bytes) -> None: ...
+    async def publish(self, event: ContactEvent) -> None: ...

@@ -24,6 +24,7 @@ from infra.store import EventStore, open_event_store
 from projections.db import ReadModelDB, open_read_models
 from projections.replay import PROJECTIONS
 from projections.runner import ProjectionRunner
+from projections.tracking import ensure_state_table
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ class Parts:
 
 def build_parts(settings: Settings) -> Parts:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return Parts(settings, open_event_store(settings), open_read_models(settings))
+    read_models = open_read_models(settings)
+    # Queries answer "nothing yet" rather than fail before the projections' first round.
+    ensure_state_table(read_models)
+    return Parts(settings, open_event_store(settings), read_models)
 
 
 def build_http_app(parts: Parts) -> Starlette:
