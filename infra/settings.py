@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Mapping
@@ -31,6 +32,9 @@ class Settings:
     twilio_auth_token: str | None = None
     twilio_api_base: str | None = None
     twilio_caller_id: str | None = None
+    twilio_sms_from: str | None = None
+    twilio_whatsapp_from: str | None = None
+    chat_secret: str | None = None
     meta_app_secret: str | None = None
     meta_verify_token: str | None = None
     meta_access_token: str | None = None
@@ -61,6 +65,24 @@ class Settings:
     @property
     def views_path(self) -> Path:
         return self.sqlite_path.with_name(self.sqlite_path.stem + "-views.db")
+
+
+def chat_secret(settings: Settings) -> bytes:
+    """INBOX_CHAT_SECRET, or one made once and kept in the data directory, so visitor tokens
+    survive a restart (several `inbox serve` processes must share a configured one)."""
+    if settings.chat_secret:
+        return settings.chat_secret.encode()
+    path = settings.data_dir / "chat-secret"
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"chat-secret.{os.getpid()}.tmp")
+        temporary.write_text(secrets.token_urlsafe(32))
+        temporary.chmod(0o600)
+        # link() refuses to replace: when two processes race, both read the first one's.
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+        temporary.unlink()
+    return path.read_text().strip().encode()
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:
@@ -97,6 +119,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         twilio_auth_token=_opt(env, "TWILIO_AUTH_TOKEN"),
         twilio_api_base=_opt(env, "TWILIO_API_BASE"),
         twilio_caller_id=_opt(env, "TWILIO_CALLER_ID"),
+        twilio_sms_from=_opt(env, "TWILIO_SMS_FROM"),
+        twilio_whatsapp_from=_opt(env, "TWILIO_WHATSAPP_FROM"),
+        chat_secret=_opt(env, "INBOX_CHAT_SECRET"),
         meta_app_secret=_opt(env, "META_APP_SECRET"),
         meta_verify_token=_opt(env, "META_VERIFY_TOKEN"),
         meta_access_token=_opt(env, "META_ACCESS_TOKEN"),
