@@ -322,6 +322,7 @@ def _record(conversation: Conversation, event: ContactEvent, at: str) -> None:
         conversation.record_delivery(
             channel=event.channel,
             message_id=str(payload["message_id"]),
+            provider_id=_str_or_none(payload.get("provider_id")),
             status=str(payload["status"]),
             error=_str_or_none(payload.get("error")),
             source_event_id=event.event_id,

@@ -75,13 +75,25 @@ class Conversation(DomainAggregate):
                 aggregate.waiting_since = None
 
     class DeliveryStatusRecorded(Aggregate.Event):
-        class_version = 1
+        """`message_id` is ours (ReplyQueued.message_id); `provider_id` the channel's own id
+        for it, learnt from our `sent` status, so the channel's later receipts find it."""
+
+        class_version = 2
         channel: str
         message_id: str
+        provider_id: str | None
         status: str
         error: str | None
         source_event_id: str
         at: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["provider_id"] = None
+
+        def apply(self, aggregate: Any) -> None:
+            if self.provider_id:
+                aggregate.provider_ids[self.provider_id] = self.message_id
 
     class CsatSubmitted(Aggregate.Event):
         class_version = 1
@@ -191,6 +203,8 @@ class Conversation(DomainAggregate):
         self.last_inbound_channel: str | None = None
         self.inbound_count = 0
         self.reopen_count = 0
+        # the channel's message id -> ours, for receipts that only know the former
+        self.provider_ids: dict[str, str] = {}
 
     # -- what the customer did (from contact events) --------------------------------------
 
@@ -204,8 +218,16 @@ class Conversation(DomainAggregate):
             self.trigger_event(self.Reopened, reason=f"customer {activity}", actor=CUSTOMER, at=at)
         self.trigger_event(self.ActivityRecorded, activity=activity, at=at, **fields)
 
-    def record_delivery(self, **fields: Any) -> None:
-        self.trigger_event(self.DeliveryStatusRecorded, **fields)
+    def record_delivery(
+        self, *, message_id: str, provider_id: str | None = None, **fields: Any
+    ) -> None:
+        """A receipt under the channel's id is recorded under ours when we know the pair."""
+        ours = self.provider_ids.get(message_id, message_id)
+        if provider_id is None and ours != message_id:
+            provider_id = message_id
+        self.trigger_event(
+            self.DeliveryStatusRecorded, message_id=ours, provider_id=provider_id, **fields
+        )
 
     def record_csat(self, **fields: Any) -> None:
         self.trigger_event(self.CsatSubmitted, **fields)
