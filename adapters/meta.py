@@ -540,16 +540,17 @@ def meta_routes(
     """`GET` and `POST /webhooks/meta`. Without `app_secret` (META_APP_SECRET) both answer 503,
     as does GET without `verify_token` (META_VERIFY_TOKEN)."""
 
-    not_configured = _error(
-        503,
-        "meta_not_configured",
-        "Meta webhooks are not configured on this server (set META_APP_SECRET and "
-        "META_VERIFY_TOKEN)",
-    )
+    def not_configured() -> Response:
+        return _error(
+            503,
+            "meta_not_configured",
+            "Meta webhooks are not configured on this server (set META_APP_SECRET and "
+            "META_VERIFY_TOKEN)",
+        )
 
     async def verify(request: Request) -> Response:
         if not app_secret or not verify_token:
-            return not_configured
+            return not_configured()
         params = request.query_params
         token = params.get("hub.verify_token", "")
         challenge = params.get("hub.challenge")
@@ -563,7 +564,7 @@ def meta_routes(
 
     async def notify(request: Request) -> Response:
         if not app_secret:
-            return not_configured
+            return not_configured()
         try:
             body = await _read_body(request)
         except ClientDisconnect:
@@ -589,6 +590,12 @@ def meta_routes(
 
 
 async def _publish_all(publisher: ContactPublisher, events: list[ContactEvent]) -> Response:
+    if len(events) == 1:  # the common case: no task to schedule
+        try:
+            await publisher.publish(events[0])
+        except PublishFailed:
+            return _error(503, "kafka_unavailable", "the event was not stored; try again")
+        return Response(b'{"received":1}', media_type="application/json")
     # Concurrently, so a notification of n messages waits for one Kafka round trip, not n;
     # every publish is awaited before answering, so none is left running after a 503.
     results = await asyncio.gather(
