@@ -86,8 +86,12 @@ class RecordingSender:
 
     channels: frozenset[str] = ALL_CHANNELS
     sent: list[OutboundMessage] = field(default_factory=list)
+    slow_first: bool = False  # the first message takes a while, as a slow service would
 
     async def send(self, message: OutboundMessage) -> SendResult:
+        if self.slow_first and not self.sent:
+            self.slow_first = False
+            await asyncio.sleep(0.3)
         self.sent.append(message)
         return SendResult(provider_id=f"P-{len(self.sent)}")
 
@@ -341,7 +345,8 @@ async def test_each_channel_gets_the_customers_address_and_replies_go_in_order(
     order = ["chat", "sms", "whatsapp", "messenger", "email", "instagram"]
     sent_ids = {channel: world.reply(conversation, f"via {channel}", channel) for channel in order}
 
-    sender = RecordingSender()
+    # Sent all at once, the first (slow) one would arrive last.
+    sender = RecordingSender(slow_first=True)
     service = world.service(dict.fromkeys(ALL_CHANNELS, sender))
     result = await service.run_once()
     # Replies of one conversation go one after another, in the order they were queued.
