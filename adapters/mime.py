@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import policy
 from email.header import decode_header, make_header
+from email.errors import MessageError
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr, parsedate_to_datetime
@@ -53,7 +54,15 @@ _BULK_PRECEDENCE = frozenset({"bulk", "auto_reply", "junk"})
 
 # Parsing a header the way policy.default does can raise on malformed input (bugs in
 # email._header_value_parser); such a header is then read raw instead.
-_HEADER_ERRORS = (ValueError, TypeError, IndexError, AttributeError, LookupError, AssertionError)
+_HEADER_ERRORS = (
+    ValueError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    LookupError,
+    AssertionError,
+    MessageError,
+)
 
 
 class InvalidEmail(ValueError):
@@ -104,7 +113,7 @@ def parse_email(raw: bytes, *, envelope_from: str | None, recipients: list[str])
     raw = bytes(raw)
     if not raw.strip():
         raise InvalidEmail("the mail is empty")
-    msg = BytesParser(policy=policy.default).parsebytes(raw)
+    msg = _parse(raw)
     sender, sender_name = _sender(msg)
     subject = _clean_header(_header(msg, "Subject") or "")[:MAX_SUBJECT_CHARS]
     body = _Body()
@@ -134,6 +143,19 @@ def parse_email(raw: bytes, *, envelope_from: str | None, recipients: list[str])
         digest=hashlib.sha256(raw).hexdigest(),
         truncated=truncated,
     )
+
+
+def _parse(raw: bytes) -> Message:
+    try:
+        return BytesParser(policy=policy.default).parsebytes(raw)
+    except _HEADER_ERRORS:
+        # policy.default parses some headers while reading (Content-Type) and can trip over
+        # malformed ones; compat32 keeps them as raw strings, which the helpers below handle.
+        pass
+    try:
+        return BytesParser(policy=policy.compat32).parsebytes(raw)
+    except (*_HEADER_ERRORS, UnicodeError) as exc:
+        raise InvalidEmail(f"the mail cannot be parsed: {type(exc).__name__}") from None
 
 
 def to_contact_event(parsed: ParsedEmail, *, now: datetime | None = None) -> ContactEvent:
@@ -206,7 +228,11 @@ def _header(msg: Message, name: str) -> str | None:
     """The decoded value of the first header `name`, or None."""
     try:
         value = msg.get(name)
-        return None if value is None else str(value)
+        if value is None:
+            return None
+        if type(value) is str:  # a compat32 message: encoded words not decoded yet
+            return _decode_raw(value)
+        return str(value)
     except _HEADER_ERRORS:
         raw = _raw_header(msg, name)
         return None if raw is None else _decode_raw(raw)
@@ -253,6 +279,9 @@ def _sender(msg: Message) -> tuple[str, str | None]:
         if found is not None:
             address, display = found
             try:
+                address = _valid_unicode(address)
+                if "\ufffd" in address:  # bytes that are not UTF-8: not an address
+                    raise InvalidIdentity(address)
                 email = normalise_email(address)
             except InvalidIdentity:
                 raise InvalidEmail(
@@ -366,8 +395,9 @@ def _collect(part: Message, body: _Body, depth: int) -> None:
     body.parts += 1
     if body.parts > MAX_PARTS or depth > 30:
         return
-    maintype = part.get_content_maintype()
-    ctype = part.get_content_type()
+    # Raw 8-bit bytes in a Content-Type would make the type unencodable text.
+    ctype = _clean_header(part.get_content_type())
+    maintype = ctype.partition("/")[0]
     if part.is_multipart() and maintype == "message":
         # A forwarded or bounced mail: kept whole, as the .eml it is.
         inner = part.get_payload()
