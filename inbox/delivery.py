@@ -662,23 +662,26 @@ class DeliveryService:
         """Publishes the outcomes not yet acknowledged by Kafka; returns how many were."""
         await asyncio.to_thread(self.setup)
         reported = 0
-        for entry in await asyncio.to_thread(self._unreported):
-            try:
-                event = self.status_event(entry)
-            except ValueError as exc:  # InvalidContactEvent among them
-                log.error("no delivery.status for %s: %s", entry.message_id, exc)
+        while True:
+            entries = await asyncio.to_thread(self._unreported)
+            for entry in entries:
+                try:
+                    event = self.status_event(entry)
+                except ValueError as exc:  # InvalidContactEvent among them
+                    log.error("no delivery.status for %s: %s", entry.message_id, exc)
+                    await asyncio.to_thread(self._mark_reported, entry.message_id)
+                    continue
+                try:
+                    await self.publisher.publish(event)
+                except PublishFailed as exc:
+                    # Kafka is down: the row stays unreported and a later round publishes it
+                    # (the same event id, so ingest records it once).
+                    log.warning("delivery.status of %s not published: %s", entry.message_id, exc)
+                    return reported
                 await asyncio.to_thread(self._mark_reported, entry.message_id)
-                continue
-            try:
-                await self.publisher.publish(event)
-            except PublishFailed as exc:
-                # Kafka is down: the row stays unreported and the next round tries again
-                # (the same event id, so ingest records it once).
-                log.warning("delivery.status of %s not published: %s", entry.message_id, exc)
-                break
-            await asyncio.to_thread(self._mark_reported, entry.message_id)
-            reported += 1
-        return reported
+                reported += 1
+            if len(entries) < self.batch_size:
+                return reported
 
     # -- running --------------------------------------------------------------------------
 
