@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -99,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": (True, False, True),
         "worker": (False, True, False),
     }[args.command]
-    asyncio.run(composition.run(settings, http=http, worker=worker, projections=projections))
+    import uvloop  # libuv's loop: about twice the webhook throughput of asyncio's (bench/)
+
+    uvloop.run(composition.run(settings, http=http, worker=worker, projections=projections))
     return 0
 
 
