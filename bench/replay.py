@@ -70,6 +70,7 @@ def write_history(store: EventStore, events: int, customers: int, seed: int = 11
             if roll < 0.55 or conversation.status == RESOLVED:
                 conversation.receive_message(
                     channel=channel,
+                    via=None,
                     message_id=f"m-{c}-{n}",
                     text=f"message {n} from {c}",
                     subject=None,

@@ -307,6 +307,7 @@ def _record(conversation: Conversation, event: ContactEvent, at: str) -> None:
     if event.type == "message.received":
         conversation.receive_message(
             channel=event.channel,
+            via=_str_or_none(payload.get("via")),
             message_id=_str_or_none(payload.get("message_id")),
             text=str(payload.get("text") or ""),
             subject=_str_or_none(payload.get("subject")),

@@ -31,8 +31,12 @@ class Conversation(DomainAggregate):
         at: str
 
     class MessageReceived(Aggregate.Event):
-        class_version = 1
+        """`via` is our account the customer wrote to (an email address, a Twilio number, a
+        WhatsApp phone_number_id, a page id): replies go out from it."""
+
+        class_version = 2
         channel: str
+        via: str | None
         message_id: str | None
         text: str
         subject: str | None
@@ -43,6 +47,10 @@ class Conversation(DomainAggregate):
         automatic: bool
         source_event_id: str
         at: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["via"] = None
 
         def apply(self, aggregate: Any) -> None:
             if not self.automatic:

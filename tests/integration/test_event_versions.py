@@ -27,6 +27,48 @@ def store(settings: SettingsFactory, database_url: str) -> Iterator[EventStore]:
     event_store.close()
 
 
+def test_a_version_1_message_is_read_with_no_via(store: EventStore) -> None:
+    conversation = Conversation(
+        customer_id="c-1",
+        channel="sms",
+        queue=None,
+        previous=None,
+        source_event_id="e-0",
+        at="2026-11-27T09:00:00.000000Z",
+    )
+    store.save(conversation)
+    v1_state: dict[str, Any] = {
+        "timestamp": "2026-11-27T09:00:01+00:00",
+        "channel": "sms",
+        "message_id": "SM1",
+        "text": "hello",
+        "subject": None,
+        "html": None,
+        "attachments": [],
+        "thread_ref": None,
+        "in_reply_to": [],
+        "automatic": False,
+        "source_event_id": "SM1",
+        "at": "2026-11-27T09:00:01.000000Z",
+    }
+    store.recorder.insert_events(
+        [
+            StoredEvent(
+                originator_id=conversation.id,
+                originator_version=2,
+                topic=get_topic(Conversation.MessageReceived),
+                state=orjson.dumps(v1_state),
+            )
+        ]
+    )
+    (event,) = [
+        e for e in store.events_of(conversation.id) if isinstance(e, Conversation.MessageReceived)
+    ]
+    assert event.via is None
+    assert event.text == "hello"
+    assert store.get(conversation.id).inbound_count == 1
+
+
 def test_a_version_1_delivery_status_is_read_as_version_2(
     store: EventStore, settings: SettingsFactory, database_url: str
 ) -> None:

@@ -79,6 +79,7 @@ def customer_writes(
 ) -> Step:
     return lambda c: c.receive_message(
         channel=channel,
+        via="+15005550006",
         message_id="SM1",
         text=text,
         subject=None,
@@ -578,4 +579,5 @@ def test_every_event_carries_a_class_version() -> None:
     assert len(kinds) == 13
     versions = {kind.__name__: getattr(kind, "class_version", None) for kind in kinds}
     assert versions.pop("DeliveryStatusRecorded") == 2  # provider_id added; v1 is upcast
+    assert versions.pop("MessageReceived") == 2  # via added; v1 is upcast
     assert set(versions.values()) == {1}
