@@ -1,0 +1,499 @@
+"""The email channel over real sockets: smtplib → our SMTP server → KafkaPublisher → the
+session broker (records consumed back), and SmtpSender → a local SMTP relay stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import smtplib
+import ssl
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from adapters.attachments import AttachmentStore
+from adapters.email_in import SmtpServer, smtp_server
+from adapters.email_out import SmtpSender
+from adapters.kafka import KafkaPublisher
+from adapters.outbound import OutboundMessage, PermanentFailure, TemporaryFailure
+from inbox import thread_tokens
+from inbox.contact import ContactEvent, parse_contact_event
+from infra.broker import EmbeddedBroker, free_port
+from infra.kafka import ensure_topics, make_consumer
+from tests.conftest import TopicFactory
+
+SAMPLES = Path(__file__).parent.parent / "samples" / "email"
+DOMAINS = ["example.com", "example.org"]
+CUSTOMER = "alice@customer.test"
+
+
+def sample(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sendmail(port: int, raw: bytes, to: list[str], sender: str = CUSTOMER) -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        refused: dict[str, Any] = client.sendmail(sender, to, raw)
+        return refused
+
+
+async def sendmail(
+    port: int, raw: bytes, to: list[str] | None = None, sender: str = CUSTOMER
+) -> dict[str, Any]:
+    """smtplib in a thread: the server runs on this test's loop."""
+    return await asyncio.to_thread(_sendmail, port, raw, to or ["support@example.com"], sender)
+
+
+def _data_without_size(port: int, raw: bytes) -> tuple[int, bytes | str]:
+    """MAIL without SIZE=, so the limit is hit while the data is read."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo()
+        client.mail(CUSTOMER)
+        client.rcpt("support@example.com")
+        try:
+            return client.data(raw)
+        except smtplib.SMTPDataError as exc:
+            return exc.smtp_code, exc.smtp_error
+
+
+async def published(
+    bootstrap: str, topic: str, expected: int, *, settle: float = 1.0
+) -> list[tuple[bytes, ContactEvent]]:
+    """The records of `topic`: waits for `expected`, then `settle` seconds for any extra."""
+    consumer = make_consumer(bootstrap, None, topic)
+    await consumer.start()
+    try:
+        found: list[Any] = []
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(found) < expected and asyncio.get_running_loop().time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                found.extend(records)
+        for records in (await consumer.getmany(timeout_ms=int(settle * 1000))).values():
+            found.extend(records)
+        return [(r.key, parse_contact_event(r.value)) for r in found]
+    finally:
+        await consumer.stop()
+
+
+@dataclass
+class Channel:
+    server: SmtpServer
+    bootstrap: str
+    topic: str
+    data_dir: Path
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def events(self, expected: int, *, settle: float = 1.0) -> list[ContactEvent]:
+        return [e for _, e in await published(self.bootstrap, self.topic, expected, settle=settle)]
+
+
+@pytest.fixture
+async def channel(
+    kafka_bootstrap: str, fresh_topic: TopicFactory, tmp_path: Path
+) -> AsyncIterator[Channel]:
+    topic = fresh_topic("email")
+    await ensure_topics(kafka_bootstrap, {topic: 1})
+    publisher = KafkaPublisher(kafka_bootstrap, idempotence=False, topic=topic)
+    server = smtp_server(
+        publisher,
+        host="127.0.0.1",
+        port=0,
+        domains=DOMAINS,
+        data_dir=tmp_path,
+        max_size=200_000,
+    )
+    await server.start()
+    try:
+        yield Channel(server, kafka_bootstrap, topic, tmp_path)
+    finally:
+        await server.stop()
+        await publisher.close()
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+async def test_plain_mail_is_one_contact_event_acknowledged_after_kafka(channel: Channel) -> None:
+    assert await sendmail(channel.port, sample("plain.eml")) == {}
+    [(key, event)] = await published(channel.bootstrap, channel.topic, 1)
+    assert key == b"email:alice@customer.test"
+    assert event.event_id == "<CAF3x9k2Lq=ab12cd34ef@mail.customer.test>"
+    assert event.channel == "email"
+    assert event.type == "message.received"
+    assert event.customer.email == "alice@customer.test"
+    assert event.customer.name == "Alice Moreau"
+    assert event.payload["subject"] == "Order 4412 not delivered"
+    assert "has not arrived" in event.payload["text"]
+    assert event.payload["to"] == ["support@example.com"]
+    assert event.payload["auto_submitted"] is False
+
+
+async def test_multipart_attachment_is_stored_by_content(channel: Channel) -> None:
+    await sendmail(channel.port, sample("multipart-attachment.eml"))
+    [event] = await channel.events(1)
+    assert event.payload["subject"] == "Fatura não confere"
+    [attachment] = event.payload["attachments"]
+    assert attachment["name"] == "fatura.pdf"
+    assert attachment["type"] == "application/pdf"
+    stored = AttachmentStore(channel.data_dir).get(attachment["ref"])
+    assert stored.startswith(b"%PDF-1.4")
+    assert len(stored) == attachment["size"]
+    digest = attachment["ref"].removeprefix("sha256:")
+    assert (channel.data_dir / "attachments" / digest[:2] / digest).read_bytes() == stored
+
+
+async def test_non_utf8_bodies_and_encoded_subjects(channel: Channel) -> None:
+    await sendmail(channel.port, sample("shift-jis.eml"))
+    await sendmail(channel.port, sample("latin1.eml"))
+    japanese, french = await channel.events(2)
+    assert japanese.payload["subject"] == "注文について"
+    assert japanese.customer.name == "山田 太郎"
+    assert japanese.payload["new_text"].endswith("まだ届いていません。")
+    assert "山田太郎" in japanese.payload["text"]  # the signature stays in the full text
+    assert french.payload["subject"] == "Problème de livraison"
+    assert french.payload["new_text"] == "Bonjour, le colis n'est pas arrivé. Merci d'avance."
+
+
+async def test_html_only_mail_has_extracted_text(channel: Channel) -> None:
+    await sendmail(channel.port, sample("html-only.eml"))
+    [event] = await channel.events(1)
+    assert event.payload["new_text"] == "Hello team,\n\nthe parcel is damaged.\nPhoto follows."
+    assert "<b>parcel</b>" in event.payload["html"]
+
+
+async def test_reply_to_our_message_carries_thread_ids_and_token(channel: Channel) -> None:
+    conversation = uuid.uuid4()
+    ours = thread_tokens.outbound_message_id("reply-1", conversation, "example.com")
+    mail = EmailMessage()
+    mail["From"] = "Alice <alice@customer.test>"
+    mail["To"] = "support@example.com"
+    mail["Subject"] = "Re: Order 4412 " + thread_tokens.subject_tag(conversation)
+    mail["Message-ID"] = "<answer-1@customer.test>"
+    mail["In-Reply-To"] = ours
+    mail["References"] = f"<first@customer.test> {ours}"
+    mail.set_content("It arrived, thanks.\n\n> We shipped it.\n")
+    reply_to = thread_tokens.reply_address("support", conversation, "example.com")
+    await sendmail(channel.port, mail.as_bytes(), to=[reply_to])
+    [event] = await channel.events(1)
+    assert event.thread.ref == thread_tokens.conversation_token(conversation)
+    assert event.thread.in_reply_to == (ours, "<first@customer.test>")
+    assert thread_tokens.from_message_id(event.thread.in_reply_to[0]) == conversation
+    assert event.payload["new_text"] == "It arrived, thanks."
+
+
+async def test_auto_reply_is_marked(channel: Channel) -> None:
+    await sendmail(channel.port, sample("auto-reply.eml"))
+    await sendmail(channel.port, sample("bounce.eml"), sender="")  # null reverse-path
+    auto_reply, bounce = await channel.events(2)
+    assert auto_reply.payload["auto_submitted"] is True
+    assert bounce.payload["auto_submitted"] is True
+
+
+async def test_one_mail_to_several_of_our_addresses_is_one_event(channel: Channel) -> None:
+    refused = await sendmail(
+        channel.port,
+        sample("plain.eml"),
+        to=["support@example.com", "sales@example.org", "someone@elsewhere.test"],
+    )
+    assert list(refused) == ["someone@elsewhere.test"]
+    assert refused["someone@elsewhere.test"][0] == 550
+    [event] = await channel.events(1)
+    assert event.payload["to"] == ["support@example.com", "sales@example.org"]
+
+
+async def test_unknown_recipient_domain_gets_550_and_nothing_is_published(
+    channel: Channel,
+) -> None:
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        await sendmail(channel.port, sample("plain.eml"), to=["support@example.net"])
+    assert refused.value.recipients["support@example.net"][0] == 550
+    assert await channel.events(0) == []
+
+
+async def test_oversize_mail_gets_552_and_nothing_is_published(channel: Channel) -> None:
+    big = sample("plain.eml") + b"x" * 76 + b"\r\n" * 3000 + (b"y" * 76 + b"\r\n") * 3000
+    with pytest.raises(smtplib.SMTPSenderRefused) as announced:  # SIZE= in MAIL FROM
+        await sendmail(channel.port, big)
+    assert announced.value.smtp_code == 552
+    code, _ = await asyncio.to_thread(_data_without_size, channel.port, big)
+    assert code == 552
+    assert await channel.events(0) == []
+
+
+async def test_mail_without_from_is_refused_with_the_reason(channel: Channel) -> None:
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        await sendmail(channel.port, sample("no-from.eml"))
+    assert refused.value.smtp_code == 550
+    assert b"no From address" in refused.value.smtp_error
+    assert await channel.events(0) == []
+
+
+async def test_the_same_mail_twice_has_the_same_event_id(channel: Channel) -> None:
+    await sendmail(channel.port, sample("reply.eml"))
+    await sendmail(channel.port, sample("reply.eml"))
+    first, second = await channel.events(2)
+    assert first.event_id == second.event_id == "<CAF3x9k2Lq=zz98yy76@mail.customer.test>"
+
+
+@pytest.mark.slow  # KafkaPublisher takes ~45 s to give up (its producer.stop flushes first)
+async def test_kafka_down_answers_451_and_the_retry_publishes_once(
+    fresh_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = fresh_topic("email-down")
+    broker = EmbeddedBroker(log_path=tmp_path / "broker.log").start()
+    port = broker.port
+    try:
+        await ensure_topics(broker.bootstrap, {topic: 1})
+        publisher = KafkaPublisher(broker.bootstrap, idempotence=False, topic=topic, timeout=5)
+        server = smtp_server(
+            publisher, host="127.0.0.1", port=0, domains=DOMAINS, data_dir=tmp_path
+        )
+        async with server:
+            await sendmail(server.port, sample("plain.eml"))  # the producer is up
+            await asyncio.to_thread(broker.stop)
+            with pytest.raises(smtplib.SMTPDataError) as deferred:
+                await sendmail(server.port, sample("reply.eml"))
+            assert deferred.value.smtp_code == 451
+
+            broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log")
+            await asyncio.to_thread(broker.start)
+            await ensure_topics(broker.bootstrap, {topic: 1})
+            assert await sendmail(server.port, sample("reply.eml")) == {}
+        await publisher.close()
+        # The restarted broker keeps records in memory only: what it holds is the retry alone.
+        [(_, event)] = await published(broker.bootstrap, topic, 1)
+        assert event.event_id == "<CAF3x9k2Lq=zz98yy76@mail.customer.test>"
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_publisher_that_never_reached_kafka_answers_451(tmp_path: Path) -> None:
+    publisher = KafkaPublisher(f"127.0.0.1:{free_port()}", idempotence=False, timeout=3)
+    server = smtp_server(publisher, host="127.0.0.1", port=0, domains=DOMAINS, data_dir=tmp_path)
+    async with server:
+        with pytest.raises(smtplib.SMTPDataError) as deferred:
+            await sendmail(server.port, sample("plain.eml"))
+    await publisher.close()
+    assert deferred.value.smtp_code == 451
+
+
+def _self_signed(directory: Path) -> ssl.SSLContext:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+async def test_starttls_and_auth_when_configured(
+    kafka_bootstrap: str, fresh_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = fresh_topic("email-auth")
+    await ensure_topics(kafka_bootstrap, {topic: 1})
+    publisher = KafkaPublisher(kafka_bootstrap, idempotence=False, topic=topic)
+    server = smtp_server(
+        publisher,
+        host="127.0.0.1",
+        port=0,
+        domains=DOMAINS,
+        data_dir=tmp_path,
+        tls_context=_self_signed(tmp_path),
+        require_starttls=True,
+        auth={"relay": "s3cret"},
+    )
+
+    def session(password: str | None) -> dict[str, Any]:
+        client_context = ssl.create_default_context()
+        client_context.check_hostname = False
+        client_context.verify_mode = ssl.CERT_NONE
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as client:
+            client.starttls(context=client_context)
+            if password is not None:
+                client.login("relay", password)
+            refused: dict[str, Any] = client.sendmail(
+                CUSTOMER, ["support@example.com"], sample("plain.eml")
+            )
+            return refused
+
+    async with server:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            await asyncio.to_thread(session, "wrong")
+        with pytest.raises(smtplib.SMTPSenderRefused) as unauthenticated:
+            await asyncio.to_thread(session, None)
+        assert unauthenticated.value.smtp_code == 530
+        assert await asyncio.to_thread(session, "s3cret") == {}
+    await publisher.close()
+    assert len(await published(kafka_bootstrap, topic, 1)) == 1
+
+
+def test_auth_without_tls_is_refused(tmp_path: Path) -> None:
+    publisher = KafkaPublisher("127.0.0.1:1", idempotence=False)
+    with pytest.raises(ValueError, match="TLS"):
+        smtp_server(
+            publisher,
+            host="127.0.0.1",
+            port=0,
+            domains=DOMAINS,
+            data_dir=tmp_path,
+            auth={"u": "p"},
+        )
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+@dataclass
+class Relay:
+    """A stand-in for the SMTP relay: records what it receives; can refuse."""
+
+    rcpt_reply: str = "250 OK"
+    data_reply: str = "250 OK"
+    received: list[Envelope] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if self.rcpt_reply.startswith("250"):
+            envelope.rcpt_tos.append(address)
+        return self.rcpt_reply
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply.startswith("250"):
+            self.received.append(envelope)
+        return self.data_reply
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[tuple[Relay, int]]:
+    handler = Relay()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="relay.test", loop=loop), "127.0.0.1", 0
+    )
+    try:
+        yield handler, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def reply(conversation: uuid.UUID, **overrides: Any) -> OutboundMessage:
+    values: dict[str, Any] = {
+        "message_id": "msg-1",
+        "conversation_id": str(conversation),
+        "channel": "email",
+        "text": "Your parcel is on its way.\nRegards, Support",
+        "to": "alice@customer.test",
+        "customer_name": "Alice Moreau",
+        "subject": "Re: Order 4412 not delivered",
+        "in_reply_to": "<c2@customer.test>",
+        "references": ("<c2@customer.test>", "<c1@customer.test>"),
+    }
+    values.update(overrides)
+    return OutboundMessage(**values)
+
+
+def sender_for(port: int) -> SmtpSender:
+    return SmtpSender(
+        "127.0.0.1",
+        port,
+        from_address="support@example.com",
+        domain="example.com",
+        from_name="Support",
+        timeout=10,
+    )
+
+
+async def test_smtp_sender_threads_the_reply(relay: tuple[Relay, int]) -> None:
+    handler, port = relay
+    conversation = uuid.uuid4()
+    token = thread_tokens.conversation_token(conversation)
+    result = await sender_for(port).send(reply(conversation))
+    [envelope] = handler.received
+    assert envelope.mail_from == "support@example.com"
+    assert envelope.rcpt_tos == ["alice@customer.test"]
+    assert envelope.original_content is not None
+    mail = message_from_bytes(envelope.original_content, policy=policy.default)
+    expected_id = thread_tokens.outbound_message_id("msg-1", conversation, "example.com")
+    assert mail["Message-ID"] == expected_id
+    assert result.provider_id == expected_id
+    assert result.status == "sent"
+    assert mail["In-Reply-To"] == "<c2@customer.test>"
+    assert mail["References"] == "<c1@customer.test> <c2@customer.test>"
+    assert mail["Reply-To"] == f"support+{token}@example.com"
+    assert mail["Subject"] == f"Re: Order 4412 not delivered [#{token}]"
+    assert mail["To"] == "Alice Moreau <alice@customer.test>"
+    assert mail["From"] == "Support <support@example.com>"
+    body = mail.get_body(preferencelist=("plain",))
+    assert body is not None
+    assert (
+        body.get_content().replace("\r\n", "\n") == "Your parcel is on its way.\nRegards, Support\n"
+    )
+
+
+async def test_smtp_sender_keeps_the_message_id_across_retries(relay: tuple[Relay, int]) -> None:
+    handler, port = relay
+    conversation = uuid.uuid4()
+    sender = sender_for(port)
+    first = await sender.send(reply(conversation))
+    again = await sender.send(reply(conversation, attempt=2))
+    assert first.provider_id == again.provider_id
+    assert len(handler.received) == 2
+
+
+async def test_relay_down_is_a_temporary_failure() -> None:
+    with pytest.raises(TemporaryFailure):
+        await sender_for(free_port()).send(reply(uuid.uuid4()))
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "data", "failure"),
+    [
+        ("550 5.1.1 no such user", "250 OK", PermanentFailure),
+        ("450 4.2.0 mailbox busy", "250 OK", TemporaryFailure),
+        ("250 OK", "554 5.7.1 rejected as spam", PermanentFailure),
+        ("250 OK", "451 4.3.0 try later", TemporaryFailure),
+    ],
+)
+async def test_relay_refusals_map_to_failures(
+    relay: tuple[Relay, int], rcpt: str, data: str, failure: type[Exception]
+) -> None:
+    handler, port = relay
+    handler.rcpt_reply, handler.data_reply = rcpt, data
+    with pytest.raises(failure):
+        await sender_for(port).send(reply(uuid.uuid4()))
+    assert handler.received == []
