@@ -53,7 +53,7 @@ from inbox.domain.time import Clock, iso, system_clock
 from inbox.identity import InvalidIdentity, normalise_phone
 from inbox.thread_tokens import conversation_token
 from infra.store import EventStore
-from projections.db import DatabaseError, ReadModelDB, Tx
+from projections.db import DatabaseError, IntegrityError, ReadModelDB, Tx
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,23 @@ def _entry(row: Sequence[Any]) -> OutboxEntry:
 
 
 def ensure_outbox_tables(db: ReadModelDB) -> None:
+    """Creates the outbox tables and the follower's position row, when missing."""
+    if db.table_exists(OUTBOX_TABLE) and db.table_exists(POSITION_TABLE):
+        # No DDL on a running system: on PostgreSQL even `CREATE INDEX IF NOT EXISTS` takes a
+        # SHARE lock on the table, which would queue behind (and deadlock with) a follower.
+        return
+    for attempt in range(3):
+        try:
+            _create_outbox_tables(db)
+            return
+        except IntegrityError:
+            # Two processes creating the same table at the same moment (PostgreSQL's catalog
+            # refuses the second): it exists now.
+            if attempt == 2:
+                raise
+
+
+def _create_outbox_tables(db: ReadModelDB) -> None:
     with db.transaction() as tx:
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {OUTBOX_TABLE} ("
@@ -147,6 +164,9 @@ def ensure_outbox_tables(db: ReadModelDB) -> None:
             f"CREATE INDEX IF NOT EXISTS {OUTBOX_TABLE}_unreported "
             f"ON {OUTBOX_TABLE} (reported, seq)"
         )
+    # The position table last, in a transaction of its own: while it exists without the
+    # outbox, a process takes the slow path above and waits for no lock the follower holds.
+    with db.transaction() as tx:
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {POSITION_TABLE} ("
             "name TEXT PRIMARY KEY, position BIGINT NOT NULL, updated_at TEXT)"
