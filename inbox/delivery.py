@@ -302,6 +302,8 @@ def build_message(store: EventStore, entry: OutboxEntry) -> tuple[OutboundMessag
         in_reply_to=in_reply_to,
         references=references,
         last_inbound_at=None if last is None else last.at,
+        # Our account the customer last wrote to on this channel: the reply goes out from it.
+        via=None if last is None else last.via,
         attempt=entry.attempts,
     )
     return message, recipient

@@ -260,6 +260,7 @@ async def test_an_email_reply_is_sent_once_threaded_and_its_status_joins_the_con
             "text": "Any news?",
             "subject": "Re: Order 4412",
             "message_id": "<m2@example.org>",
+            "via": "support@example.com",
         },
         at=EARLIER,
         seconds=60,
@@ -285,6 +286,7 @@ async def test_an_email_reply_is_sent_once_threaded_and_its_status_joins_the_con
             in_reply_to="<m2@example.org>",
             references=("<m2@example.org>", "<m1@example.org>"),
             last_inbound_at=iso(EARLIER + timedelta(seconds=60)),
+            via="support@example.com",
             attempt=1,
         )
     ]
@@ -336,7 +338,7 @@ async def test_each_channel_gets_the_customers_address_and_replies_go_in_order(
         "wamid.1",
         channel="whatsapp",
         customer={"phone": "+14155550199"},
-        payload={"text": "also here"},
+        payload={"text": "also here", "via": "+15005550006"},
         at=EARLIER,
         seconds=30,
     )
@@ -363,7 +365,8 @@ async def test_each_channel_gets_the_customers_address_and_replies_go_in_order(
     }
     assert by_channel["whatsapp"].last_inbound_at == iso(EARLIER + timedelta(seconds=30))
     assert by_channel["chat"].last_inbound_at == iso(EARLIER)
-    assert by_channel["sms"].last_inbound_at is None
+    assert by_channel["whatsapp"].via == "+15005550006"  # the Twilio number they wrote to
+    assert (by_channel["sms"].last_inbound_at, by_channel["sms"].via) == (None, None)
     # No email came in on this conversation: nothing to thread with.
     assert (by_channel["email"].subject, by_channel["email"].references) == (None, ())
     assert all(m.message_id == sent_ids[m.channel] for m in sender.sent)
