@@ -16,8 +16,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dev", help="everything in one process tree, embedded broker unless configured")
-    sub.add_parser("serve", help="HTTP API, webhooks and projections")
+    sub.add_parser("serve", help="HTTP API, webhooks, web chat, projections, reply delivery")
     sub.add_parser("worker", help="the ingest worker (run several in one consumer group)")
+    sub.add_parser("smtp", help="the SMTP server of the email channel")
     replay = sub.add_parser("replay", help="rebuild a projection from the event store")
     replay.add_argument("name")
     replay.add_argument("--from-start", action="store_true", help="a fresh rebuild from event 1")
@@ -88,19 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from infra import composition
 
-    if args.command in ("serve", "worker") and settings.kafka_bootstrap is None:
+    if args.command != "dev" and settings.kafka_bootstrap is None:
         print(
             f"inbox {args.command}: set INBOX_KAFKA_BOOTSTRAP (or run inbox dev)", file=sys.stderr
         )
         return 2
-    http, worker, projections = {
-        "dev": (True, True, True),
-        "serve": (True, False, True),
-        "worker": (False, True, False),
+    http, worker, projections, smtp = {
+        "dev": (True, True, True, True),
+        "serve": (True, False, True, False),
+        "worker": (False, True, False, False),
+        "smtp": (False, False, False, True),
     }[args.command]
     import uvloop  # libuv's loop: about twice the webhook throughput of asyncio's (bench/)
 
-    uvloop.run(composition.run(settings, http=http, worker=worker, projections=projections))
+    uvloop.run(
+        composition.run(settings, http=http, worker=worker, projections=projections, smtp=smtp)
+    )
     return 0
 
 

@@ -8,18 +8,30 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
+from adapters.chat import ChatGateway, ChatSender, ReadModelChatHistory
+from adapters.email_in import SmtpServer, smtp_server
+from adapters.email_out import SmtpSender
+from adapters.kafka import KafkaPublisher
+from adapters.meta import meta_routes
+from adapters.meta_out import GRAPH_URL, MetaSender
+from adapters.outbound import ChannelSender
+from adapters.senders import WhatsAppRouter
+from adapters.twilio_messaging import twilio_messaging_routes
+from adapters.twilio_out import TwilioSender
 from inbox.api import ApiContext, create_app
+from inbox.delivery import DeliveryService
 from inbox.worker import IngestWorker, WorkerConfig
 from infra.broker import EmbeddedBroker
 from infra.kafka import app_topics, ensure_topics
-from infra.settings import Settings
+from infra.settings import Settings, chat_secret
 from infra.store import EventStore, open_event_store
 from projections.db import ReadModelDB, open_read_models
 from projections.replay import PROJECTIONS
@@ -56,8 +68,94 @@ def build_parts(settings: Settings) -> Parts:
     return Parts(settings, open_event_store(settings), read_models)
 
 
-def build_http_app(parts: Parts) -> Starlette:
-    return create_app(ApiContext(parts.store, parts.read_models, parts.settings.admin_token))
+@dataclass
+class Channels:
+    """The channel adapters of one HTTP process and the senders that share their state (a
+    chat reply reaches the sockets of this process)."""
+
+    publisher: KafkaPublisher
+    routes: list[BaseRoute]
+    senders: dict[str, ChannelSender]
+    hold_reasons: dict[str, str]
+    closers: list[Callable[[], Awaitable[None]]]
+
+
+def build_publisher(settings: Settings) -> KafkaPublisher:
+    assert settings.kafka_bootstrap is not None
+    return KafkaPublisher(
+        settings.kafka_bootstrap,
+        idempotence=settings.kafka_idempotence,
+        topic=settings.contact_events_topic,
+    )
+
+
+def build_channels(parts: Parts) -> Channels:
+    settings = parts.settings
+    publisher = build_publisher(settings)
+    chat = ChatGateway(publisher, chat_secret(settings), ReadModelChatHistory(parts.read_models))
+    routes: list[BaseRoute] = [
+        *meta_routes(
+            publisher, app_secret=settings.meta_app_secret, verify_token=settings.meta_verify_token
+        ),
+        *twilio_messaging_routes(
+            publisher, auth_token=settings.twilio_auth_token, public_url=settings.public_url
+        ),
+        *chat.routes(),
+    ]
+    senders: dict[str, ChannelSender] = {"chat": ChatSender(chat.hub)}
+    hold_reasons: dict[str, str] = {}
+    closers: list[Callable[[], Awaitable[None]]] = [publisher.close]
+    domain = settings.email_domains[0]
+    if settings.smtp_relay:
+        host, _, port = settings.smtp_relay.rpartition(":")
+        senders["email"] = SmtpSender(
+            host or "127.0.0.1", int(port or 25), from_address=f"support@{domain}", domain=domain
+        )
+    else:
+        hold_reasons["email"] = "INBOX_SMTP_RELAY is not set: email replies are kept undelivered"
+    twilio: TwilioSender | None = None
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        twilio = TwilioSender(
+            settings.twilio_account_sid,
+            settings.twilio_auth_token,
+            public_url=settings.public_url,
+            api_base=settings.twilio_api_base,
+            sms_from=settings.twilio_sms_from,
+            whatsapp_from=settings.twilio_whatsapp_from,
+        )
+        senders["sms"] = twilio
+        closers.append(twilio.close)
+    else:
+        hold_reasons["sms"] = "TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN are not set"
+    meta: MetaSender | None = None
+    if settings.meta_access_token:
+        meta = MetaSender(settings.meta_graph_url or GRAPH_URL, settings.meta_access_token)
+        senders["messenger"] = senders["instagram"] = meta
+        closers.append(meta.close)
+    else:
+        hold_reasons["messenger"] = hold_reasons["instagram"] = "META_ACCESS_TOKEN is not set"
+    if twilio is not None or meta is not None:
+        senders["whatsapp"] = WhatsAppRouter(twilio=twilio, meta=meta)
+    else:
+        hold_reasons["whatsapp"] = "neither Twilio nor Meta is configured"
+    return Channels(publisher, routes, senders, hold_reasons, closers)
+
+
+def build_http_app(parts: Parts, routes: list[BaseRoute] | None = None) -> Starlette:
+    return create_app(
+        ApiContext(parts.store, parts.read_models, parts.settings.admin_token),
+        extra_routes=routes or [],
+    )
+
+
+def build_smtp_server(settings: Settings, publisher: KafkaPublisher) -> SmtpServer:
+    return smtp_server(
+        publisher,
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        domains=settings.email_domains,
+        data_dir=settings.data_dir,
+    )
 
 
 def build_worker(parts: Parts) -> IngestWorker:
@@ -127,12 +225,21 @@ async def _start_kafka(settings: Settings, stack: contextlib.ExitStack) -> Setti
 
 def _banner(settings: Settings, parts_started: list[str], say: Callable[[str], None]) -> None:
     url = f"http://{settings.http_host}:{settings.http_port}"
+    public = settings.public_url
     say(f"inbox: {', '.join(parts_started)}")
-    say(f"  HTTP API          {url}/api/v1/conversations")
-    say(f"  health, metrics   {url}/healthz  {url}/metrics")
+    if "HTTP" in parts_started:
+        say(f"  HTTP API          {url}/api/v1/conversations")
+        say(f"  health, metrics   {url}/healthz  {url}/metrics")
+        say(
+            f"  web chat          ws://{settings.http_host}:{settings.http_port}/chat/ws?visitor=ID"
+        )
+        say(f"  webhooks          {public}/twilio/messaging  {public}/webhooks/meta")
+    if "SMTP" in parts_started:
+        domains = ", ".join(settings.email_domains)
+        say(f"  SMTP              {settings.smtp_host}:{settings.smtp_port}  ({domains})")
     say(f"  Kafka             {settings.kafka_bootstrap}  (topic {settings.contact_events_topic})")
     say(f"  event store       {settings.database_url}")
-    if settings.admin_token_generated:
+    if settings.admin_token_generated and "HTTP" in parts_started:
         say(f"  admin token       {settings.admin_token}")
     say("Ctrl-C stops.")
 
@@ -143,17 +250,20 @@ async def run(
     http: bool,
     worker: bool,
     projections: bool,
+    smtp: bool = False,
+    delivery: bool | None = None,
     say: Callable[[str], None] = print,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Runs the chosen parts until SIGINT/SIGTERM (or `stop`)."""
+    """Runs the chosen parts until SIGINT/SIGTERM (or `stop`). Delivery of replies runs with
+    the HTTP part unless told otherwise: chat replies reach that process's sockets."""
     stop = stop or asyncio.Event()
+    delivery = http if delivery is None else delivery
     with contextlib.suppress(NotImplementedError, RuntimeError):
         _stop_on_signals(stop)
     with contextlib.ExitStack() as stack:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if worker or http:
-            settings = await _start_kafka(settings, stack)
+        settings = await _start_kafka(settings, stack)
         parts = build_parts(settings)
         stack.callback(parts.close)
         async with contextlib.AsyncExitStack() as running:
@@ -167,13 +277,32 @@ async def run(
             if worker:
                 tasks.append(asyncio.create_task(build_worker(parts).run(stop), name="worker"))
                 started.append("ingest worker")
+            channels = build_channels(parts) if (http or smtp or delivery) else None
+            if channels is not None:
+                for close in channels.closers:
+                    running.push_async_callback(close)
             if http:
-                tasks.append(
-                    asyncio.create_task(
-                        _serve_http(build_http_app(parts), settings, stop), name="http"
-                    )
-                )
+                assert channels is not None
+                app = build_http_app(parts, channels.routes)
+                tasks.append(asyncio.create_task(_serve_http(app, settings, stop), name="http"))
                 started.append("HTTP")
+            if smtp:
+                assert channels is not None
+                server = build_smtp_server(settings, channels.publisher)
+                await server.start()
+                running.push_async_callback(server.stop)
+                started.append("SMTP")
+            if delivery:
+                assert channels is not None
+                service = DeliveryService(
+                    parts.store,
+                    parts.read_models,
+                    channels.senders,
+                    channels.publisher,
+                    hold_reasons=channels.hold_reasons,
+                )
+                tasks.append(asyncio.create_task(service.run(stop), name="delivery"))
+                started.append("delivery")
             await asyncio.sleep(0)
             _banner(settings, started, say)
             await asyncio.wait(

@@ -38,6 +38,7 @@ async def stack(
     config = settings(
         database_url,
         INBOX_HTTP_PORT=str(free_port()),
+        INBOX_SMTP_PORT=str(free_port()),
         INBOX_ADMIN_TOKEN=TOKEN,
         INBOX_KAFKA_TOPIC=topic,
         INBOX_CONSUMER_GROUP=f"group-{topic}",
@@ -47,7 +48,13 @@ async def stack(
     lines: list[str] = []
     task = asyncio.create_task(
         composition.run(
-            config, http=True, worker=True, projections=True, say=lines.append, stop=stop
+            config,
+            http=True,
+            worker=True,
+            projections=True,
+            smtp=True,
+            say=lines.append,
+            stop=stop,
         )
     )
     base = f"http://{config.http_host}:{config.http_port}"
