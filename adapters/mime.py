@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from email import policy
 from email.errors import MessageError
 from email.header import decode_header, make_header
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr, parsedate_to_datetime
 from html.parser import HTMLParser
@@ -134,7 +134,7 @@ def parse_email(raw: bytes, *, envelope_from: str | None, recipients: list[str])
         new_text=new_text_of(text),
         html=html,
         attachments=tuple(body.attachments),
-        message_id=_first_message_id(_header(msg, "Message-ID")),
+        message_id=_first_message_id(_raw_header(msg, "Message-ID")),
         in_reply_to=_thread_ids(msg),
         thread_token=_thread_token(ours, subject),
         date=_date(msg),
@@ -145,9 +145,60 @@ def parse_email(raw: bytes, *, envelope_from: str | None, recipients: list[str])
     )
 
 
+_MISSING = object()
+
+
+class _CachingMessage(EmailMessage):
+    """policy.default parses a header again at every read, and one part's Content-Type is read
+    five times (type, charset, name, ...); parsed headers are kept until a header changes."""
+
+    _header_cache: dict[str, Any]
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        cache = self.__dict__.setdefault("_header_cache", {})
+        key = name.lower()
+        value = cache.get(key, _MISSING)
+        if value is _MISSING:
+            value = cache[key] = super().get(name, _MISSING)
+        return failobj if value is _MISSING else value
+
+    def set_raw(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_header_cache", None)
+        super().set_raw(name, value)
+
+    def __setitem__(self, name: str, val: Any) -> None:
+        self.__dict__.pop("_header_cache", None)
+        super().__setitem__(name, val)
+
+    def __delitem__(self, name: str) -> None:
+        self.__dict__.pop("_header_cache", None)
+        super().__delitem__(name)
+
+
+_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
+
+
+def _parse_single_part(raw: bytes) -> Message | None:
+    """A one-part mail without the feed parser's walk over every body line: the headers are
+    parsed alone and the body set as the payload, as the full parse would. None when the mail
+    has parts, or headers the quick split would misread."""
+    end = _END_OF_HEADERS.search(raw)
+    if end is None:
+        return None
+    msg = BytesParser(_CachingMessage, policy=policy.default).parsebytes(
+        raw[: end.end()], headersonly=True
+    )
+    if msg.defects or msg.get_content_maintype() in ("multipart", "message"):
+        return None
+    msg.set_payload(raw[end.end() :].decode("ascii", "surrogateescape"))
+    return msg
+
+
 def _parse(raw: bytes) -> Message:
     try:
-        return BytesParser(policy=policy.default).parsebytes(raw)
+        return _parse_single_part(raw) or BytesParser(
+            _CachingMessage, policy=policy.default
+        ).parsebytes(raw)
     except _HEADER_ERRORS:
         # policy.default parses some headers while reading (Content-Type) and can trip over
         # malformed ones; compat32 keeps them as raw strings, which the helpers below handle.
@@ -292,7 +343,21 @@ def _sender(msg: Message) -> tuple[str, str | None]:
     raise InvalidEmail("the mail has no From address")
 
 
+# The common forms of an address header: `Name <a@b>`, `"Name" <a@b>`, `a@b`. Read with a
+# regex; anything else (groups, comments, several addresses) goes to policy.default's parser.
+_SIMPLE_ADDRESS = re.compile(
+    r'^\s*(?:"([^"\\<>]*)"|([^",;:<>()\\@\[\]]*?))?\s*<([^<>@\s",;:()]+@[^<>@\s",;:()]+)>\s*$'
+    r'|^\s*([^<>@\s",;:()]+@[^<>@\s",;:()]+)\s*$'
+)
+
+
 def _address(msg: Message, name: str) -> tuple[str, str] | None:
+    raw = _raw_header(msg, name)
+    simple = _SIMPLE_ADDRESS.match(raw) if raw is not None and raw.isascii() else None
+    if simple is not None:
+        quoted, plain, address, bare = simple.groups()
+        display = quoted if quoted is not None else plain or ""
+        return (bare or address), _decode_raw(display)
     try:
         header: Any = msg.get(name)
         if header is None:
@@ -326,8 +391,10 @@ def _first_message_id(value: str | None) -> str | None:
 
 def _thread_ids(msg: Message) -> tuple[str, ...]:
     """In-Reply-To first, then References newest first (References lists oldest first)."""
-    ids = _message_ids(_header(msg, "In-Reply-To"))
-    ids += reversed(_message_ids(_header(msg, "References")))
+    # Message ids are matched in the raw values: they are never encoded, and parsing them as
+    # policy.default does costs more than all the rest of a mail's headers.
+    ids = _message_ids(_raw_header(msg, "In-Reply-To"))
+    ids += reversed(_message_ids(_raw_header(msg, "References")))
     return tuple(dict.fromkeys(ids))[:MAX_THREAD_IDS]
 
 
@@ -341,18 +408,12 @@ def _thread_token(recipients: tuple[str, ...], subject: str) -> str | None:
 
 
 def _date(msg: Message) -> datetime | None:
-    value: datetime | None = None
+    raw = _raw_header(msg, "Date")
+    if raw is None:
+        return None
     try:
-        header: Any = msg.get("Date")
-        value = getattr(header, "datetime", None) if header is not None else None
-    except _HEADER_ERRORS:
-        raw = _raw_header(msg, "Date")
-        if raw is not None:
-            try:
-                value = parsedate_to_datetime(raw)
-            except (*_HEADER_ERRORS, OverflowError):
-                value = None
-    if not isinstance(value, datetime):
+        value = parsedate_to_datetime(_valid_unicode(raw).strip())
+    except (*_HEADER_ERRORS, OverflowError):
         return None
     if value.tzinfo is None:  # "-0000": the time is UTC, its zone unknown (RFC 5322 3.3)
         value = value.replace(tzinfo=UTC)
@@ -364,10 +425,10 @@ def _date(msg: Message) -> datetime | None:
 
 def _is_automatic(msg: Message, sender: str, envelope_from: str | None) -> bool:
     """Auto-replies, bounces and other reports: recorded, but they are nobody writing to us."""
-    auto = (_header(msg, "Auto-Submitted") or "").split(";")[0].strip().lower()
+    auto = (_raw_header(msg, "Auto-Submitted") or "").split(";")[0].strip().lower()
     if auto and auto != "no":
         return True
-    if (_header(msg, "Precedence") or "").strip().lower() in _BULK_PRECEDENCE:
+    if (_raw_header(msg, "Precedence") or "").strip().lower() in _BULK_PRECEDENCE:
         return True
     if _raw_header(msg, "X-Autoreply") is not None or _raw_header(msg, "X-Autorespond") is not None:
         return True
@@ -619,6 +680,12 @@ _ORIGINAL = re.compile(
     r"Mensaje original)\s*-{2,}|_{20,})$",
     re.IGNORECASE,
 )
+_ATTRIBUTION_STARTS = frozenset({"on ", "le ", "am ", "el ", "em ", "il ", "op "})
+# The lines new_text_of looks at closely; text before the first of them is all new.
+_CANDIDATE_LINE = re.compile(
+    r"[ \t]*(>|-|_|(on|le|am|el|em|il|op) |(from|de|von|van|da):)", re.IGNORECASE
+)
+_CANDIDATE_START = re.compile(r"\n[ \t]*[>\-_oOlLaAeEiIfFdDvV]")
 _OUTLOOK_HEADER = re.compile(r"^(From|De|Von|Van|Da):\s", re.IGNORECASE)
 _OUTLOOK_NEXT = re.compile(r"^(Sent|Date|Envoyé|Gesendet|Enviado|Verzonden|Inviato):\s", re.I)
 
@@ -627,29 +694,54 @@ def new_text_of(text: str) -> str:
     """What the sender wrote this time: the text without quoted lines (">"), their
     "On ... wrote:" attribution, and whatever follows a signature separator ("-- ") or an
     "Original Message" block. The full text stays in the payload; this is what to show first."""
-    lines = text.split("\n")
-    kept: list[str] = []
+    start = _first_candidate(text)
+    if start is None:  # no line looks like a quote, an attribution or a signature
+        return _collapse_blank_lines(text.strip())
+    lines = text[start:].split("\n")
+    kept: list[str] = [text[:start].removesuffix("\n")]
     index = 0
+    # Cheap first-character tests decide which lines deserve a regex (long mails, many lines).
     while index < len(lines):
         line = lines[index]
         stripped = line.strip()
-        following = lines[index + 1].strip() if index + 1 < len(lines) else ""
-        if line.rstrip() == "--" or _ORIGINAL.match(stripped):
-            break
-        if _OUTLOOK_HEADER.match(stripped) and _OUTLOOK_NEXT.match(following):
-            break
-        if stripped.startswith(">"):
-            index += 1
-            continue
-        if _ATTRIBUTION.match(stripped):
-            index += 1
-            continue
-        # An attribution wrapped over two lines ("On ..., Name <" / "a@b> wrote:").
-        if stripped and following and _ATTRIBUTION.match(stripped + " " + following):
-            index += 2
-            continue
-        kept.append(line)
         index += 1
-    new = "\n".join(kept).strip()
-    new = re.sub(r"\n{3,}", "\n\n", new)
+        if not stripped:
+            kept.append(line)
+            continue
+        first = stripped[0]
+        if first == ">":
+            continue
+        if first in "-_" and (line.rstrip() == "--" or _ORIGINAL.match(stripped)):
+            break
+        following = lines[index].strip() if index < len(lines) else ""
+        if (
+            ":" in stripped[:8]
+            and _OUTLOOK_HEADER.match(stripped)
+            and _OUTLOOK_NEXT.match(following)
+        ):
+            break
+        if stripped[:3].lower() in _ATTRIBUTION_STARTS:
+            if _ATTRIBUTION.match(stripped):
+                continue
+            # An attribution wrapped over two lines ("On ..., Name <" / "a@b> wrote:").
+            if following and _ATTRIBUTION.match(stripped + " " + following):
+                index += 1
+                continue
+        kept.append(line)
+    new = _collapse_blank_lines("\n".join(kept).strip())
     return new or text.strip()
+
+
+def _first_candidate(text: str) -> int | None:
+    """Where the first line that new_text_of must look at closely starts."""
+    if _CANDIDATE_LINE.match(text):
+        return 0
+    # A cheap scan for a plausible first character, then the real test at that line.
+    for found in _CANDIDATE_START.finditer(text):
+        if _CANDIDATE_LINE.match(text, found.start() + 1):
+            return found.start() + 1
+    return None
+
+
+def _collapse_blank_lines(text: str) -> str:
+    return re.sub(r"\n{3,}", "\n\n", text) if "\n\n\n" in text else text
