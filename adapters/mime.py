@@ -183,11 +183,12 @@ def _parse_single_part(raw: bytes) -> Message | None:
     parsed alone and the body set as the payload, as the full parse would. None when the mail
     has parts, or headers the quick split would misread."""
     end = _END_OF_HEADERS.search(raw)
-    if end is None:
+    if end is None or end.start() == 0 or raw[:1] in (b"\r", b"\n"):
         return None
-    msg = BytesParser(_CachingMessage, policy=policy.default).parsebytes(
-        raw[: end.end()], headersonly=True
-    )
+    head = raw[: end.end()]
+    if head.count(b"\r") != head.count(b"\r\n"):
+        return None  # a bare CR ends a line for the feed parser: let it decide
+    msg = BytesParser(_CachingMessage, policy=policy.default).parsebytes(head, headersonly=True)
     if msg.defects or msg.get_content_maintype() in ("multipart", "message"):
         return None
     msg.set_payload(raw[end.end() :].decode("ascii", "surrogateescape"))
@@ -537,7 +538,10 @@ def _payload_bytes(part: Message) -> bytes:
         data = None
     if isinstance(data, bytes):
         return data
-    raw = part.get_payload()
+    try:
+        raw = part.get_payload()
+    except (*_HEADER_ERRORS, UnicodeError):
+        return b""
     if isinstance(raw, str):
         return raw.encode("utf-8", "surrogateescape")
     return b""

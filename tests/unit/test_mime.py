@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from email import policy
 from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from adapters.email_out import SmtpSender, reply_subject
 from adapters.mime import (
     InvalidEmail,
     ParsedEmail,
+    _parse_single_part,
     html_to_text,
     new_text_of,
     parse_email,
@@ -445,3 +448,28 @@ def test_hostile_headers_parse_or_are_refused(
     raw = b"From: a@customer.test\r\n"
     raw += b"".join(name + b": " + value.replace(b"\n", b" ") + b"\r\n" for name, value in headers)
     _check(raw + b"\r\n--b\r\n" + body + b"\r\n--b--\r\n")
+
+
+_LINE_PIECES = st.sampled_from(
+    [b"\r", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n", b"\n ", b"X-A: b", b":", b"\x80", b" "]
+)
+
+
+@FUZZ
+@given(
+    st.sampled_from(SAMPLE_BYTES),
+    st.lists(st.tuples(st.integers(min_value=0, max_value=400), _LINE_PIECES), max_size=6),
+)
+def test_one_part_shortcut_reads_what_the_full_parser_reads(
+    raw: bytes, edits: list[tuple[int, bytes]]
+) -> None:
+    data = bytearray(raw)
+    for position, piece in edits:
+        data[position:position] = piece
+    quick = _parse_single_part(bytes(data))
+    if quick is None:
+        return
+    full = BytesParser(policy=policy.default).parsebytes(bytes(data))
+    assert not full.is_multipart()
+    assert list(quick.raw_items()) == list(full.raw_items())
+    assert quick.get_payload(decode=True) == full.get_payload(decode=True)
