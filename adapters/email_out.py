@@ -74,8 +74,14 @@ class SmtpSender:
 
     def build(self, message: OutboundMessage, *, now: datetime | None = None) -> EmailMessage:
         """The MIME message of a reply (the same headers on every retry, Date aside)."""
+        # The reply leaves from the address of ours the customer wrote to (the SMTP server
+        # accepted it, so it is one of our domains); replies to it come back there.
+        from_address = (message.via or "").strip() or self.from_address
+        local, at, domain = from_address.rpartition("@")
+        if not at or not local or not domain:
+            from_address, local, domain = self.from_address, self._reply_local, self.domain
         mail = EmailMessage()
-        mail["From"] = formataddr((self.from_name or "", self.from_address))
+        mail["From"] = formataddr((self.from_name or "", from_address))
         mail["To"] = formataddr((message.customer_name or "", message.to))
         mail["Subject"] = reply_subject(message.subject, message.conversation_id)
         mail["Date"] = format_datetime(now or datetime.now(UTC))
@@ -83,7 +89,7 @@ class SmtpSender:
             message.message_id, message.conversation_id, self.domain
         )
         mail["Reply-To"] = thread_tokens.reply_address(
-            self._reply_local, message.conversation_id, self.domain
+            local.partition("+")[0] or local, message.conversation_id, domain
         )
         if message.in_reply_to:
             mail["In-Reply-To"] = _ids(message.in_reply_to)[0]
@@ -105,7 +111,7 @@ class SmtpSender:
         try:
             await aiosmtplib.send(
                 mail,
-                sender=self.from_address,
+                sender=self.from_address,  # the envelope sender: bounces come to the main box
                 recipients=[message.to],
                 hostname=self.relay_host,
                 port=self.relay_port,

@@ -229,6 +229,8 @@ def to_contact_event(parsed: ParsedEmail, *, now: datetime | None = None) -> Con
             for a in parsed.attachments
         ],
         "to": list(parsed.recipients),
+        # The address of ours the customer wrote to: replies leave from it (OutboundMessage.via).
+        "via": _our_address(parsed.recipients),
         "auto_submitted": parsed.auto_submitted,
     }
     if parsed.html:
@@ -251,6 +253,15 @@ def to_contact_event(parsed: ParsedEmail, *, now: datetime | None = None) -> Con
     except InvalidContactEvent as exc:
         raise InvalidEmail(str(exc)) from None
     return _fit_record(event)
+
+
+def _our_address(recipients: tuple[str, ...]) -> str | None:
+    """The first recipient, lower case, without a reply token (`support+TOKEN@` → `support@`)."""
+    for recipient in recipients:
+        local, at, domain = recipient.strip().strip("<>").lower().rpartition("@")
+        if at and local and domain:
+            return f"{local.partition('+')[0] or local}@{domain}"
+    return None
 
 
 def _fit_record(event: ContactEvent) -> ContactEvent:

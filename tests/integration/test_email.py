@@ -213,6 +213,7 @@ async def test_one_mail_to_several_of_our_addresses_is_one_event(channel: Channe
     assert refused["someone@elsewhere.test"][0] == 550
     [event] = await channel.events(1)
     assert event.payload["to"] == ["support@example.com", "sales@example.org"]
+    assert event.payload["via"] == "support@example.com"
 
 
 async def test_unknown_recipient_domain_gets_550_and_nothing_is_published(
@@ -463,6 +464,20 @@ async def test_smtp_sender_threads_the_reply(relay: tuple[Relay, int]) -> None:
     assert (
         body.get_content().replace("\r\n", "\n") == "Your parcel is on its way.\nRegards, Support\n"
     )
+
+
+async def test_smtp_sender_replies_from_the_address_the_customer_wrote_to(
+    relay: tuple[Relay, int],
+) -> None:
+    handler, port = relay
+    conversation = uuid.uuid4()
+    token = thread_tokens.conversation_token(conversation)
+    await sender_for(port).send(reply(conversation, via="sales@example.org"))
+    [envelope] = handler.received
+    assert envelope.original_content is not None
+    mail = message_from_bytes(envelope.original_content, policy=policy.default)
+    assert mail["From"] == "Support <sales@example.org>"
+    assert mail["Reply-To"] == f"sales+{token}@example.org"
 
 
 async def test_smtp_sender_keeps_the_message_id_across_retries(relay: tuple[Relay, int]) -> None:

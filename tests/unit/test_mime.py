@@ -153,6 +153,7 @@ def test_conversation_token_from_recipient_address_or_subject() -> None:
     address = thread_tokens.reply_address("support", conversation, "example.com")
     by_address = parse(sample("plain.eml"), recipients=[address])
     assert by_address.thread_token == token
+    assert to_contact_event(by_address, now=NOW).payload["via"] == "support@example.com"
     assert to_contact_event(by_address, now=NOW).thread.ref == token
 
     tagged = sample("plain.eml").replace(
