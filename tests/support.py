@@ -12,7 +12,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import uvicorn
 from aiokafka import AIOKafkaProducer
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
 from inbox.worker import IngestWorker, WorkerConfig
 from infra.kafka import ensure_topics, make_producer
@@ -121,3 +124,24 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def serving(routes: list[BaseRoute], port: int) -> AsyncIterator[str]:
+    """uvicorn serving `routes` on 127.0.0.1:port in this event loop (stand-ins for outside
+    services: Twilio's REST API, Meta's Graph API)."""
+    config = uvicorn.Config(
+        Starlette(routes=routes), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn stopped while starting")
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

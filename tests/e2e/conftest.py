@@ -12,7 +12,7 @@ import pytest
 
 from infra import composition
 from infra.broker import free_port
-from infra.settings import Settings
+from infra.settings import Settings, load_settings
 from tests.conftest import SettingsFactory, TopicFactory
 
 TOKEN = "test-admin-token"
@@ -30,20 +30,39 @@ class Stack:
         return await self.client.post(path, json=body)
 
 
+def env_of(settings: Settings) -> dict[str, str]:
+    env = {"INBOX_DATA_DIR": str(settings.data_dir), "INBOX_DATABASE_URL": settings.database_url}
+    if settings.kafka_bootstrap:
+        env["INBOX_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+        env["INBOX_KAFKA_IDEMPOTENCE"] = "0"
+    return env
+
+
+@pytest.fixture
+def stack_env() -> dict[str, str]:
+    """Extra environment for the stack; a test module overrides it (e.g. to name a relay)."""
+    return {}
+
+
 @pytest.fixture
 async def stack(
-    settings: SettingsFactory, database_url: str, fresh_topic: TopicFactory
+    settings: SettingsFactory,
+    database_url: str,
+    fresh_topic: TopicFactory,
+    stack_env: dict[str, str],
 ) -> AsyncIterator[Stack]:
     topic = fresh_topic("contact-events")
-    config = settings(
-        database_url,
-        INBOX_HTTP_PORT=str(free_port()),
-        INBOX_SMTP_PORT=str(free_port()),
-        INBOX_ADMIN_TOKEN=TOKEN,
-        INBOX_KAFKA_TOPIC=topic,
-        INBOX_CONSUMER_GROUP=f"group-{topic}",
-        INBOX_KAFKA_PARTITIONS="2",
-    )
+    env = {
+        "INBOX_HTTP_PORT": str(free_port()),
+        "INBOX_SMTP_PORT": str(free_port()),
+        "INBOX_ADMIN_TOKEN": TOKEN,
+        "INBOX_KAFKA_TOPIC": topic,
+        "INBOX_CONSUMER_GROUP": f"group-{topic}",
+        "INBOX_KAFKA_PARTITIONS": "2",
+        **stack_env,
+    }
+    # The variables go through load_settings, as the CLI's would.
+    config = load_settings({**env_of(settings(database_url)), **env})
     stop = asyncio.Event()
     lines: list[str] = []
     task = asyncio.create_task(
