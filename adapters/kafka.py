@@ -40,15 +40,24 @@ class KafkaPublisher:
         self._timeout = timeout
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        self._stopping: set[asyncio.Task[None]] = set()
 
     async def _started(self) -> AIOKafkaProducer:
+        producer = self._producer
+        if producer is not None:
+            return producer
         async with self._lock:
             if self._producer is None:
-                producer = make_producer(self._bootstrap, idempotence=self._idempotence)
+                producer = make_producer(
+                    self._bootstrap,
+                    idempotence=self._idempotence,
+                    request_timeout_ms=int(self._timeout * 1000),
+                )
                 try:
-                    await asyncio.wait_for(producer.start(), self._timeout)
+                    async with asyncio.timeout(self._timeout):
+                        await producer.start()
                 except BaseException:
-                    await producer.stop()
+                    self._stop_later(producer)
                     raise
                 self._producer = producer
             return self._producer
@@ -59,20 +68,27 @@ class KafkaPublisher:
     async def publish_raw(self, key: str, value: bytes) -> None:
         try:
             producer = await self._started()
-            await asyncio.wait_for(
-                producer.send_and_wait(self._topic, value=value, key=key.encode()), self._timeout
-            )
+            async with asyncio.timeout(self._timeout):
+                await producer.send_and_wait(self._topic, value=value, key=key.encode())
         except (KafkaError, TimeoutError, OSError) as exc:
             PUBLISH_FAILURES.inc()
             log.warning("Kafka did not acknowledge a contact event: %r", exc)
-            await self._reset()
+            self._reset()
             raise PublishFailed(str(exc) or type(exc).__name__) from exc
 
-    async def _reset(self) -> None:
-        async with self._lock:
-            producer, self._producer = self._producer, None
+    def _stop_later(self, producer: AIOKafkaProducer) -> None:
+        # stop() waits for pending batches up to the request timeout: the sender gets its
+        # "try again" now, and the old producer winds down on its own.
+        task = asyncio.get_running_loop().create_task(producer.stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    def _reset(self) -> None:
+        producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.stop()
+            self._stop_later(producer)
 
     async def close(self) -> None:
-        await self._reset()
+        self._reset()
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)

@@ -81,9 +81,9 @@ def _producer_kwargs(bootstrap: str, *, idempotence: bool) -> dict[str, Any]:
     }
 
 
-def make_producer(bootstrap: str, *, idempotence: bool) -> AIOKafkaProducer:
+def make_producer(bootstrap: str, *, idempotence: bool, **overrides: Any) -> AIOKafkaProducer:
     """A producer (not started) that waits for all in-sync replicas."""
-    return AIOKafkaProducer(**_producer_kwargs(bootstrap, idempotence=idempotence))
+    return AIOKafkaProducer(**{**_producer_kwargs(bootstrap, idempotence=idempotence), **overrides})
 
 
 def consumer_config(bootstrap: str, group_id: str | None) -> dict[str, Any]:

@@ -250,7 +250,7 @@ async def test_the_same_mail_twice_has_the_same_event_id(channel: Channel) -> No
     assert first.event_id == second.event_id == "<CAF3x9k2Lq=zz98yy76@mail.customer.test>"
 
 
-@pytest.mark.slow  # KafkaPublisher takes ~45 s to give up (its producer.stop flushes first)
+@pytest.mark.slow  # a broker of its own, stopped and started again
 async def test_kafka_down_answers_451_and_the_retry_publishes_once(
     fresh_topic: TopicFactory, tmp_path: Path
 ) -> None:
