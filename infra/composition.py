@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -109,7 +111,12 @@ def build_channels(parts: Parts) -> Channels:
     if settings.smtp_relay:
         host, _, port = settings.smtp_relay.rpartition(":")
         senders["email"] = SmtpSender(
-            host or "127.0.0.1", int(port or 25), from_address=f"support@{domain}", domain=domain
+            host or "127.0.0.1",
+            int(port or 25),
+            from_address=settings.smtp_from or f"support@{domain}",
+            domain=domain,
+            username=settings.smtp_relay_user,
+            password=settings.smtp_relay_password,
         )
     else:
         hold_reasons["email"] = "INBOX_SMTP_RELAY is not set: email replies are kept undelivered"
@@ -149,12 +156,25 @@ def build_http_app(parts: Parts, routes: list[BaseRoute] | None = None) -> Starl
 
 
 def build_smtp_server(settings: Settings, publisher: KafkaPublisher) -> SmtpServer:
+    tls: ssl.SSLContext | None = None
+    if settings.smtp_tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(settings.smtp_tls_cert, settings.smtp_tls_key)
+    auth: dict[str, str] | None = None
+    if settings.smtp_auth_file:
+        # "user:password" a line; AUTH is offered only over STARTTLS.
+        lines = Path(settings.smtp_auth_file).read_text().splitlines()
+        auth = dict(line.split(":", 1) for line in lines if ":" in line)
     return smtp_server(
         publisher,
         host=settings.smtp_host,
         port=settings.smtp_port,
         domains=settings.email_domains,
         data_dir=settings.data_dir,
+        max_size=settings.smtp_max_bytes,
+        tls_context=tls,
+        require_starttls=settings.smtp_require_tls,
+        auth=auth,
     )
 
 

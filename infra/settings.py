@@ -27,6 +27,14 @@ class Settings:
     admin_token_generated: bool = False
     email_domains: tuple[str, ...] = ("example.com",)
     smtp_relay: str | None = None
+    smtp_relay_user: str | None = None
+    smtp_relay_password: str | None = None
+    smtp_from: str | None = None
+    smtp_max_bytes: int = 25 * 1024 * 1024
+    smtp_tls_cert: str | None = None
+    smtp_tls_key: str | None = None
+    smtp_require_tls: bool = False
+    smtp_auth_file: str | None = None
     ivr_config: str | None = None
     twilio_account_sid: str | None = None
     twilio_auth_token: str | None = None
@@ -114,6 +122,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             if d.strip()
         ),
         smtp_relay=_opt(env, "INBOX_SMTP_RELAY"),
+        smtp_relay_user=_opt(env, "INBOX_SMTP_RELAY_USER"),
+        smtp_relay_password=_opt(env, "INBOX_SMTP_RELAY_PASSWORD"),
+        smtp_from=_opt(env, "INBOX_SMTP_FROM"),
+        smtp_max_bytes=int(env.get("INBOX_SMTP_MAX_BYTES") or 25 * 1024 * 1024),
+        smtp_tls_cert=_opt(env, "INBOX_SMTP_TLS_CERT"),
+        smtp_tls_key=_opt(env, "INBOX_SMTP_TLS_KEY"),
+        smtp_require_tls=(env.get("INBOX_SMTP_REQUIRE_TLS") or "0") == "1",
+        smtp_auth_file=_opt(env, "INBOX_SMTP_AUTH_FILE"),
         ivr_config=_opt(env, "INBOX_IVR_CONFIG"),
         twilio_account_sid=_opt(env, "TWILIO_ACCOUNT_SID"),
         twilio_auth_token=_opt(env, "TWILIO_AUTH_TOKEN"),
