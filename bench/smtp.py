@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import uvloop
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from adapters.email_in import smtp_server
@@ -203,7 +204,8 @@ def cli() -> None:
         result = asyncio.run(_client(args.client, args.mails, args.connections, args.size))
         print(json.dumps(result))
         return
-    asyncio.run(main(args))
+    # The server side runs on uvloop, as `inbox smtp` and `inbox dev` do (the raw limit too).
+    uvloop.run(main(args))
 
 
 if __name__ == "__main__":

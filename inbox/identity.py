@@ -19,7 +19,7 @@ class InvalidIdentity(ValueError):
     """A raw identity that cannot be turned into a key."""
 
 
-@lru_cache(maxsize=100_000)
+@lru_cache(maxsize=50_000)
 def normalise_email(raw: str) -> str:
     address = raw.strip().lower()
     if len(address) > 320 or not _EMAIL.match(address):
@@ -27,7 +27,7 @@ def normalise_email(raw: str) -> str:
     return address
 
 
-@lru_cache(maxsize=100_000)  # parsing with phonenumbers costs ~30 us; customers repeat
+@lru_cache(maxsize=50_000)  # parsing with phonenumbers costs ~30 us; customers repeat
 def normalise_phone(raw: str, default_region: str | None = None) -> str:
     """E.164, or InvalidIdentity. Without a region the number must start with '+'."""
     text = raw.strip()

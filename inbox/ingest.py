@@ -44,7 +44,7 @@ class AggregateCache:
     """Aggregates by id, bounded so the worker's memory is too: the oldest entries go first
     (cheaper than LRU bookkeeping on every hit; an evicted aggregate is just read again)."""
 
-    def __init__(self, limit: int = 400_000) -> None:
+    def __init__(self, limit: int = 100_000) -> None:
         self._items: dict[UUID, Any] = {}
         self._limit = limit
 
@@ -213,7 +213,7 @@ class Ingestor:
         )
 
 
-@lru_cache(maxsize=500_000)
+@lru_cache(maxsize=200_000)
 def _uuid(text: str) -> UUID:
     return UUID(text)
 

@@ -9,7 +9,7 @@ from uuid import UUID, uuid5
 _NAMESPACE = UUID("6f1c7a52-3b0e-4c8e-9a55-0c4f6f7d2b10")
 
 
-@lru_cache(maxsize=500_000)
+@lru_cache(maxsize=200_000)
 def claim_id(identity_key: str) -> UUID:
     return uuid5(_NAMESPACE, "identity:" + identity_key)
 
