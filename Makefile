@@ -36,6 +36,8 @@ lint: $(STAMP_TEST)
 bench: $(STAMP_TEST)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.replay
+	$(BIN)/python -m bench.webhooks
+	$(BIN)/python -m bench.smtp
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .coverage
