@@ -16,8 +16,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -29,6 +27,7 @@ from adapters.outbound import OutboundMessage, PermanentFailure, TemporaryFailur
 from infra.broker import free_port
 from infra.kafka import ensure_topics, make_consumer
 from tests.conftest import TopicFactory
+from tests.support import serving
 
 SAMPLES = Path(__file__).parent.parent / "samples" / "meta"
 SECRET = "3f1c9a0b7d5e4c2a8b6f0e1d2c3b4a59"
@@ -48,27 +47,6 @@ def raw(name: str) -> bytes:
 def sign(body: bytes, secret: str = SECRET) -> str:
     """Exactly as Meta signs: HMAC-SHA256 of the raw body bytes with the app secret."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-@contextlib.asynccontextmanager
-async def serving(routes: list[BaseRoute]) -> AsyncIterator[str]:
-    """uvicorn on a free loopback port in this event loop; yields the base URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        Starlette(routes=routes), host="127.0.0.1", port=port, lifespan="off", log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("uvicorn stopped before it started")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 @dataclass
@@ -124,7 +102,10 @@ async def webhook_server(
     )
     routes = meta_routes(publisher, app_secret=app_secret, verify_token=verify_token, clock=clock)
     try:
-        async with serving(routes) as base, httpx.AsyncClient(base_url=base, timeout=30) as client:
+        async with (
+            serving(routes, free_port()) as base,
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
             yield Webhooks(client, topic, bootstrap)
     finally:
         await publisher.close()
@@ -402,7 +383,7 @@ class GraphStandIn:
 @pytest.fixture
 async def graph() -> AsyncIterator[tuple[GraphStandIn, str]]:
     stand_in = GraphStandIn()
-    async with serving(stand_in.routes()) as base:
+    async with serving(stand_in.routes(), free_port()) as base:
         yield stand_in, base
 
 

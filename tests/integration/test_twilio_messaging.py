@@ -14,8 +14,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -28,6 +26,7 @@ from adapters.twilio_out import TwilioSender
 from infra.broker import free_port
 from infra.kafka import ensure_topics, make_consumer
 from tests.conftest import TopicFactory
+from tests.support import serving
 from tests.unit.test_twilio_parse import load_form
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -36,26 +35,6 @@ NOW = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- servers
-
-
-@contextlib.asynccontextmanager
-async def serving(routes: list[BaseRoute], port: int) -> AsyncIterator[str]:
-    """uvicorn serving `routes` on 127.0.0.1:port, in this event loop."""
-    config = uvicorn.Config(
-        Starlette(routes=routes), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("uvicorn stopped while starting")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 @dataclass
