@@ -238,10 +238,13 @@ def _resolve_customer(uow: _UnitOfWork, event: ContactEvent, at: str) -> Custome
             customer = uow.get(_uuid(customer.merged_into))
     if customer is None:
         customer = uow.add(Customer(identities=keys, name=event.customer.name, at=at))
+    known = [key for key, claim in zip(keys, claims, strict=True) if claim is not None]
     for key, claim in zip(keys, claims, strict=True):
         if claim is None:
             uow.add(IdentityClaim(key=key, customer_id=str(customer.id), at=at))
-            customer.add_identity(key, at)
+            # Linked only on an exact match of normalised identities in one contact event.
+            reason = f"came with {known[0]} in contact event {event.event_id}" if known else ""
+            customer.add_identity(key, at, reason=reason or f"contact event {event.event_id}")
         # An identity that already belongs to another customer stays theirs: joining two
         # customers is an agent's decision (merge), never a guess.
     customer.learn_name(event.customer.name, at)

@@ -59,9 +59,17 @@ class Customer(DomainAggregate):
         at: str
 
     class IdentityAdded(Aggregate.Event):
-        class_version = 1
+        """`reason` says why the identity is this customer's (v2), e.g. that it came in the
+        same contact event as one already known, with that event's id."""
+
+        class_version = 2
         identity: str
+        reason: str
         at: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["reason"] = "linked before reasons were recorded"
 
         def apply(self, aggregate: Any) -> None:
             aggregate.identities.append(self.identity)
@@ -147,9 +155,9 @@ class Customer(DomainAggregate):
     def current_conversation_id(self) -> str | None:
         return self.conversations[-1] if self.conversations else None
 
-    def add_identity(self, identity: str, at: str) -> None:
+    def add_identity(self, identity: str, at: str, *, reason: str) -> None:
         if identity not in self.identities:
-            self.trigger_event(self.IdentityAdded, identity=identity, at=at)
+            self.trigger_event(self.IdentityAdded, identity=identity, reason=reason, at=at)
 
     def learn_name(self, name: str | None, at: str) -> None:
         if name and not self.name:

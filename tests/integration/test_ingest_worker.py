@@ -10,6 +10,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from inbox.domain import ids
+from inbox.domain.customer import Customer
 from infra.kafka import make_consumer
 from infra.store import EventStore, open_event_store
 from tests.conftest import SettingsFactory, TopicFactory
@@ -87,6 +88,21 @@ async def test_one_customer_one_conversation_across_channels(
     assert sorted(customer.identities) == ["email:sheena@example.org", "phone:+14155550123"]
     assert len(customer.conversations) == 1
     assert customer_of(store, "email:sheena@example.org").id == customer.id
+    # Every link records why: the email came in one contact event with the known phone (or,
+    # when the email's partition was read first, both registered the customer together).
+    history = store.events_of(customer.id)
+    added = [e for e in history if isinstance(e, Customer.IdentityAdded)]
+    if added:
+        assert [(e.identity, e.reason) for e in added] == [
+            (
+                "email:sheena@example.org",
+                "came with phone:+14155550123 in contact event <m1@example.org>",
+            )
+        ]
+    else:
+        registered = history[0]
+        assert isinstance(registered, Customer.Registered)
+        assert sorted(registered.identities) == ["email:sheena@example.org", "phone:+14155550123"]
     # The email is keyed by the address, so it may land on another partition and be taken in
     # before or after the phone's events: Kafka orders records per key, not across keys.
     assert sorted(conversation_events(store, customer.conversations[0])) == [

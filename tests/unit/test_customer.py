@@ -118,14 +118,24 @@ def test_the_same_first_identity_names_the_same_customer() -> None:
 def test_an_identity_is_added_once() -> None:
     history = History()
     alice = customer(history, ALICE_EMAIL)
-    alice.add_identity(ALICE_PHONE, T1)
+    alice.add_identity(ALICE_PHONE, T1, reason="came with email in contact event e1")
     assert_events(
-        history.track(alice), [(Customer.IdentityAdded, {"identity": ALICE_PHONE, "at": T1})]
+        history.track(alice),
+        [
+            (
+                Customer.IdentityAdded,
+                {
+                    "identity": ALICE_PHONE,
+                    "reason": "came with email in contact event e1",
+                    "at": T1,
+                },
+            )
+        ],
     )
     assert alice.identities == [ALICE_EMAIL, ALICE_PHONE]
 
-    alice.add_identity(ALICE_PHONE, T2)
-    alice.add_identity(ALICE_EMAIL, T2)
+    alice.add_identity(ALICE_PHONE, T2, reason="test")
+    alice.add_identity(ALICE_EMAIL, T2, reason="test")
     assert history.track(alice) == []
 
 
@@ -409,7 +419,7 @@ def test_what_the_survivor_gained_after_the_merge_stays_after_an_undo() -> None:
     alice.absorb(phone, actor="sup", at=T1)
     later = ids.conversation_id("a", "evt-later")
     alice.start_conversation(later, T2)
-    alice.add_identity(BOB_EMAIL, T2)
+    alice.add_identity(BOB_EMAIL, T2, reason="test")
     history.track(alice, phone)
 
     alice.undo_merge(phone, actor="sup", at=T3)
@@ -520,4 +530,6 @@ def test_every_event_carries_a_class_version() -> None:
         and name not in ("Event", "Created")
     ]
     assert len(kinds) == 10
-    assert all(getattr(kind, "class_version", None) == 1 for kind in kinds)
+    versions = {kind.__qualname__: getattr(kind, "class_version", None) for kind in kinds}
+    assert versions.pop("Customer.IdentityAdded") == 2  # reason added; v1 is upcast
+    assert set(versions.values()) == {1}
