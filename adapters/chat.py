@@ -38,6 +38,7 @@ from adapters.outbound import OutboundMessage, PermanentFailure, SendResult
 from inbox.contact import ContactEvent, CustomerRef, InvalidContactEvent, validate
 from inbox.domain.time import Clock, iso, parse_iso, system_clock
 from inbox.identity import InvalidIdentity, normalise_id, visitor_key
+from inbox.ports import Publisher
 from projections.db import DatabaseError, ReadModelDB
 from projections.inbox_view import get_customer
 from projections.timeline import timeline_of
@@ -235,12 +236,6 @@ class ReadModelChatHistory:
 # --------------------------------------------------------------------------- the open sockets
 
 
-class ContactPublisher(Protocol):
-    """Produces one contact event; returns once Kafka acknowledged, else PublishFailed."""
-
-    async def publish(self, event: ContactEvent) -> None: ...
-
-
 @dataclass(frozen=True)
 class ChatLimits:
     max_frame_bytes: int = 64 * 1024
@@ -323,7 +318,7 @@ class ChatGateway:
 
     def __init__(
         self,
-        publisher: ContactPublisher,
+        publisher: Publisher,
         secret: bytes,
         history: ChatHistory,
         *,

@@ -23,7 +23,7 @@ import ssl
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -31,6 +31,7 @@ from adapters.attachments import AttachmentStore
 from adapters.kafka import PublishFailed
 from adapters.mime import InvalidEmail, ParsedEmail, parse_email, to_contact_event
 from inbox.contact import ContactEvent
+from inbox.ports import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ MiB = 1024 * 1024
 DEFAULT_MAX_SIZE = 25 * MiB
 # Parsing is CPU work; a big mail is parsed in a thread so other sessions keep going.
 _PARSE_IN_THREAD_BYTES = 256 * 1024
-
-
-class EventPublisher(Protocol):
-    """What the server needs of adapters.kafka.KafkaPublisher."""
-
-    async def publish(self, event: ContactEvent) -> None: ...
 
 
 def _reply_text(reason: str) -> str:
@@ -57,7 +52,7 @@ class EmailHandler:
 
     def __init__(
         self,
-        publisher: EventPublisher,
+        publisher: Publisher,
         attachments: AttachmentStore,
         domains: Iterable[str],
     ) -> None:
@@ -219,7 +214,7 @@ class SmtpServer:
 
 
 def smtp_server(
-    publisher: EventPublisher,
+    publisher: Publisher,
     *,
     host: str,
     port: int,

@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -39,6 +39,7 @@ from inbox.contact import (
     validate,
 )
 from inbox.domain.time import Clock, system_clock
+from inbox.ports import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,6 @@ _MAX_TEXT = 65_536
 
 class MetaPayloadError(ValueError):
     """A Meta notification (or one item of it) that is not in the format Meta documents."""
-
-
-class ContactPublisher(Protocol):
-    """What the routes need from adapters.kafka.KafkaPublisher."""
-
-    async def publish(self, event: ContactEvent) -> None: ...
 
 
 # --------------------------------------------------------------------------- reading JSON
@@ -531,7 +526,7 @@ async def _read_body(request: Request) -> bytes | None:
 
 
 def meta_routes(
-    publisher: ContactPublisher,
+    publisher: Publisher,
     *,
     app_secret: str | None,
     verify_token: str | None,
@@ -589,7 +584,7 @@ def meta_routes(
     ]
 
 
-async def _publish_all(publisher: ContactPublisher, events: list[ContactEvent]) -> Response:
+async def _publish_all(publisher: Publisher, events: list[ContactEvent]) -> Response:
     if len(events) == 1:  # the common case: no task to schedule
         try:
             await publisher.publish(events[0])

@@ -19,7 +19,7 @@ import mimetypes
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.datastructures import FormData
@@ -38,6 +38,7 @@ from inbox.contact import (
     validate,
 )
 from inbox.identity import InvalidIdentity, normalise_phone
+from inbox.ports import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,6 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-class ContactEventPublisher(Protocol):
-    """What the routes need of `adapters.kafka.KafkaPublisher`."""
-
-    async def publish(self, event: ContactEvent) -> None: ...
 
 
 class MalformedTwilioRequest(ValueError):
@@ -210,7 +205,7 @@ def _validated(event: ContactEvent, now: datetime) -> ContactEvent:
 
 
 def twilio_messaging_routes(
-    publisher: ContactEventPublisher,
+    publisher: Publisher,
     *,
     auth_token: str | None,
     public_url: str,

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 import orjson
@@ -51,6 +51,7 @@ from inbox.domain.conversation import Conversation
 from inbox.domain.customer import Customer
 from inbox.domain.time import Clock, iso, system_clock
 from inbox.identity import InvalidIdentity, normalise_phone
+from inbox.ports import Publisher
 from inbox.thread_tokens import conversation_token
 from infra.store import EventStore
 from projections.db import DatabaseError, IntegrityError, ReadModelDB, Tx
@@ -71,13 +72,6 @@ _COLUMNS = (
     "message_id, seq, conversation_id, channel, text, actor, queued_at, status, attempts, "
     "next_attempt_at, last_error, provider_id, recipient, reported_as, reported, updated_at"
 )
-
-
-class StatusPublisher(Protocol):
-    """Produces a contact event and returns once Kafka acknowledged it (`KafkaPublisher`);
-    raises `PublishFailed` when Kafka did not."""
-
-    async def publish(self, event: ContactEvent) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -361,7 +355,7 @@ class DeliveryService:
         store: EventStore,
         db: ReadModelDB,
         senders: Mapping[str, ChannelSender],
-        publisher: StatusPublisher,
+        publisher: Publisher,
         *,
         clock: Clock = system_clock,
         max_attempts: int = 5,
@@ -781,7 +775,6 @@ __all__ = [
     "OutboxEntry",
     "Recipient",
     "RoundResult",
-    "StatusPublisher",
     "Undeliverable",
     "build_message",
     "customer_ref",
