@@ -22,7 +22,7 @@ from eventsourcing.domain import CanMutateAggregate
 from eventsourcing.persistence import IntegrityError, Tracking
 from eventsourcing.utils import get_topic
 
-from inbox import thread_tokens
+from inbox import telemetry, thread_tokens
 from inbox.contact import ContactEvent
 from inbox.domain import ids
 from inbox.domain.conversation import RESOLVED, Conversation
@@ -169,6 +169,7 @@ class Ingestor:
                 outcome = self._apply(uow, batch, tracking)
             except IntegrityError:
                 self.cache.discard(list(uow.touched))
+                telemetry.WRITE_CONFLICTS.inc()
                 log.info("write conflict on %s, attempt %d", tracking.application_name, attempt)
                 continue
             except BaseException:
