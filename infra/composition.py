@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from prometheus_client import start_http_server
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
@@ -297,6 +298,12 @@ async def run(
             if worker:
                 tasks.append(asyncio.create_task(build_worker(parts).run(stop), name="worker"))
                 started.append("ingest worker")
+                if not http and settings.metrics_port is not None:
+                    # A worker without the HTTP API still shows its counters to Prometheus.
+                    metrics, thread = start_http_server(settings.metrics_port, settings.http_host)
+                    stack.callback(thread.join, 5)
+                    stack.callback(metrics.shutdown)
+                    started.append(f"metrics on :{settings.metrics_port}")
             channels = build_channels(parts) if (http or smtp or delivery) else None
             if channels is not None:
                 for close in channels.closers:

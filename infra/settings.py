@@ -20,6 +20,7 @@ class Settings:
     kafka_bootstrap: str | None
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    metrics_port: int | None = None
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     public_url: str = "http://127.0.0.1:8000"
@@ -111,6 +112,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kafka_bootstrap=bootstrap,
         http_host=env.get("INBOX_HTTP_HOST") or "127.0.0.1",
         http_port=int(env.get("INBOX_HTTP_PORT") or 8000),
+        metrics_port=int(env["INBOX_METRICS_PORT"]) if env.get("INBOX_METRICS_PORT") else None,
         smtp_host=env.get("INBOX_SMTP_HOST") or "127.0.0.1",
         smtp_port=int(env.get("INBOX_SMTP_PORT") or 2525),
         public_url=(env.get("INBOX_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/"),
