@@ -646,20 +646,26 @@ def _tables(tx: Tx) -> tuple[str, str, str] | None:
     return conv, f"{CUSTOMERS}_g{generation}", f"{CLAIMS}_g{generation}"
 
 
+def _identified(tx: Tx, claim_table: str, customer: str) -> str | None:
+    """A customer id as given, or the owner of an identity key (None when nobody owns it)."""
+    if ":" not in customer:
+        return customer
+    try:
+        key = parse_key(customer)
+    except InvalidIdentity as exc:
+        raise QueryError(str(exc)) from exc
+    tx.execute(f"SELECT customer_id FROM {claim_table} WHERE key=?", (key,))
+    row = tx.fetchone()
+    return None if row is None else str(row[0])
+
+
 def _resolve_customer(tx: Tx, tables: tuple[str, str, str], customer: str) -> str | None:
     """A customer id or identity key -> the id of the customer it shows under now."""
     _, cust_table, claim_table = tables
-    customer = customer.strip()
-    if ":" in customer:
-        try:
-            key = parse_key(customer)
-        except InvalidIdentity as exc:
-            raise QueryError(str(exc)) from exc
-        tx.execute(f"SELECT customer_id FROM {claim_table} WHERE key=?", (key,))
-        row = tx.fetchone()
-        if row is None:
-            return None
-        customer = row[0]
+    found = _identified(tx, claim_table, customer.strip())
+    if found is None:
+        return None
+    customer = found
     for _ in range(32):
         tx.execute(f"SELECT merged_into FROM {cust_table} WHERE id=?", (customer,))
         row = tx.fetchone()
@@ -798,16 +804,10 @@ def get_customer(db: ReadModelDB, customer_id: str) -> dict[str, Any] | None:
         tables = _tables(tx)
         if tables is None:
             return None
-        if ":" in customer_id:
-            try:
-                key = parse_key(customer_id)
-            except InvalidIdentity as exc:
-                raise QueryError(str(exc)) from exc
-            tx.execute(f"SELECT customer_id FROM {tables[2]} WHERE key=?", (key,))
-            found = tx.fetchone()
-            if found is None:
-                return None
-            customer_id = found[0]
+        identified = _identified(tx, tables[2], customer_id)
+        if identified is None:
+            return None
+        customer_id = identified
         tx.execute(
             f"SELECT id, name, identities, merged_into, created_at FROM {tables[1]} WHERE id=?",
             (customer_id,),
