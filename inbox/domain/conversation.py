@@ -18,6 +18,15 @@ from inbox.domain.errors import ConversationStateError
 
 OPEN, PENDING, RESOLVED = "open", "pending", "resolved"
 CUSTOMER = "customer"
+ROUTER = "router"
+
+
+def _survey_score(text: str) -> int | None:
+    """A survey answer is a lone digit 1-5 ("4", " 5 ", "3."); anything else is a message."""
+    stripped = text.strip().rstrip(".!")
+    if len(stripped) == 1 and stripped in "12345":
+        return int(stripped)
+    return None
 
 
 class Conversation(DomainAggregate):
@@ -111,6 +120,9 @@ class Conversation(DomainAggregate):
         source_event_id: str
         at: str
 
+        def apply(self, aggregate: Any) -> None:
+            aggregate.survey_pending = False
+
     class NoteAdded(Aggregate.Event):
         class_version = 1
         text: str
@@ -127,6 +139,71 @@ class Conversation(DomainAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.waiting_since = None
+            if aggregate.first_response_at is None:
+                aggregate.first_response_at = self.at
+
+    class SurveyQueued(Aggregate.Event):
+        """The satisfaction survey sent after a resolution; the delivery process sends it
+        like a reply. A 1-5 answer to it becomes CsatSubmitted, not a new contact."""
+
+        class_version = 1
+        message_id: str
+        channel: str
+        text: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.survey_pending = True
+
+    class Queued(Aggregate.Event):
+        """Entered a queue: `reason` says how (entry point, keyword rule, IVR, default)."""
+
+        class_version = 1
+        queue: str
+        priority: int
+        reason: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.queue = self.queue
+            aggregate.priority = self.priority
+
+    class PriorityChanged(Aggregate.Event):
+        class_version = 1
+        priority: int
+        reason: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.priority = self.priority
+
+    class Offered(Aggregate.Event):
+        """The router offered the conversation to an agent; `expires_at` None: no timeout."""
+
+        class_version = 1
+        agent: str
+        expires_at: str | None
+        reason: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.offered_to = self.agent
+
+    class OfferLapsed(Aggregate.Event):
+        """Not accepted in time, or withdrawn (the agent went away)."""
+
+        class_version = 1
+        agent: str
+        reason: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.offered_to = None
 
     class Assigned(Aggregate.Event):
         class_version = 1
@@ -136,6 +213,26 @@ class Conversation(DomainAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.assignee = self.agent
+            aggregate.offered_to = None
+
+    class SlaWarned(Aggregate.Event):
+        """`kind`: first_response, next_response or resolution; `due_at` of that target."""
+
+        class_version = 1
+        kind: str
+        due_at: str
+        actor: str
+        at: str
+
+    class SlaBreached(Aggregate.Event):
+        class_version = 1
+        kind: str
+        due_at: str
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.breaches.append(self.kind)
 
     class Transferred(Aggregate.Event):
         class_version = 1
@@ -146,6 +243,7 @@ class Conversation(DomainAggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate.queue = self.queue
             aggregate.assignee = None
+            aggregate.offered_to = None
 
     class Escalated(Aggregate.Event):
         class_version = 1
@@ -173,6 +271,7 @@ class Conversation(DomainAggregate):
             aggregate.status = RESOLVED
             aggregate.resolved_at = self.at
             aggregate.waiting_since = None
+            aggregate.offered_to = None
 
     class Reopened(Aggregate.Event):
         class_version = 1
@@ -184,6 +283,11 @@ class Conversation(DomainAggregate):
             aggregate.status = OPEN
             aggregate.resolved_at = None
             aggregate.reopen_count += 1
+            # SLA clocks and the first-response KPI measure from the reopen
+            aggregate.cycle_started_at = self.at
+            aggregate.first_response_at = None
+            aggregate.breaches = []
+            aggregate.survey_pending = False
 
     @staticmethod
     def create_id(customer_id: str, source_event_id: str | None) -> UUID:
@@ -203,8 +307,14 @@ class Conversation(DomainAggregate):
         self.customer_id = customer_id
         self.channel = channel
         self.queue = queue
+        self.priority = 0
         self.status = OPEN
         self.assignee: str | None = None
+        self.offered_to: str | None = None
+        self.cycle_started_at = at
+        self.first_response_at: str | None = None
+        self.breaches: list[str] = []
+        self.survey_pending = False
         self.escalated = False
         self.resolved_at: str | None = None
         self.waiting_since: str | None = None
@@ -217,6 +327,17 @@ class Conversation(DomainAggregate):
     # -- what the customer did (from contact events) --------------------------------------
 
     def receive_message(self, *, automatic: bool, at: str, **fields: Any) -> None:
+        score = _survey_score(fields.get("text", "")) if self.survey_pending else None
+        if score is not None and not automatic:
+            self.trigger_event(
+                self.CsatSubmitted,
+                channel=fields["channel"],
+                score=score,
+                comment=None,
+                source_event_id=fields["source_event_id"],
+                at=at,
+            )
+            return
         if self.status == RESOLVED and not automatic:
             self.trigger_event(self.Reopened, reason="customer wrote again", actor=CUSTOMER, at=at)
         self.trigger_event(self.MessageReceived, automatic=automatic, at=at, **fields)
@@ -254,12 +375,59 @@ class Conversation(DomainAggregate):
             self.ReplyQueued, message_id=message_id, channel=channel, text=text, actor=actor, at=at
         )
 
-    def assign(self, agent: str | None, *, actor: str, at: str) -> None:
+    def assign(self, agent: str | None, *, actor: str, at: str, claim: bool = False) -> None:
+        """`claim`: an agent taking the conversation for themselves (or accepting an offer),
+        refused when someone else has it; supervisors assign without claiming."""
         if self.status == RESOLVED:
             raise ConversationStateError("a resolved conversation cannot be assigned")
         if agent == self.assignee:
             raise ConversationStateError(f"already assigned to {agent}")
+        if claim and self.assignee is not None:
+            raise ConversationStateError(f"already assigned to {self.assignee}")
         self.trigger_event(self.Assigned, agent=agent, actor=actor, at=at)
+
+    def enter_queue(self, queue: str, priority: int, *, reason: str, actor: str, at: str) -> None:
+        if self.status == RESOLVED:
+            raise ConversationStateError("a resolved conversation waits in no queue")
+        if queue == self.queue and priority == self.priority:
+            raise ConversationStateError(f"already in queue {queue}")
+        self.trigger_event(
+            self.Queued, queue=queue, priority=priority, reason=reason, actor=actor, at=at
+        )
+
+    def change_priority(self, priority: int, *, reason: str, actor: str, at: str) -> None:
+        if priority == self.priority:
+            raise ConversationStateError(f"priority is already {priority}")
+        self.trigger_event(
+            self.PriorityChanged, priority=priority, reason=reason, actor=actor, at=at
+        )
+
+    def offer(self, agent: str, *, expires_at: str | None, reason: str, at: str) -> None:
+        if self.status == RESOLVED or self.assignee is not None:
+            raise ConversationStateError("only an unassigned open conversation is offered")
+        if self.offered_to is not None:
+            raise ConversationStateError(f"already offered to {self.offered_to}")
+        self.trigger_event(
+            self.Offered, agent=agent, expires_at=expires_at, reason=reason, actor=ROUTER, at=at
+        )
+
+    def lapse_offer(self, agent: str, *, reason: str, actor: str, at: str) -> None:
+        if self.offered_to != agent:
+            raise ConversationStateError(f"no offer to {agent} is outstanding")
+        self.trigger_event(self.OfferLapsed, agent=agent, reason=reason, actor=actor, at=at)
+
+    def record_sla(self, kind: str, due_at: str, *, breached: bool, actor: str, at: str) -> None:
+        event = self.SlaBreached if breached else self.SlaWarned
+        self.trigger_event(event, kind=kind, due_at=due_at, actor=actor, at=at)
+
+    def queue_survey(
+        self, message_id: str, channel: str, text: str, *, actor: str, at: str
+    ) -> None:
+        if self.status != RESOLVED:
+            raise ConversationStateError("the survey follows a resolution")
+        self.trigger_event(
+            self.SurveyQueued, message_id=message_id, channel=channel, text=text, actor=actor, at=at
+        )
 
     def transfer(self, queue: str, *, actor: str, at: str) -> None:
         if self.status == RESOLVED:

@@ -139,6 +139,17 @@ class Customer(DomainAggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate.merged_into = None
 
+    class VipChanged(Aggregate.Event):
+        """VIP customers wait in the escalation queues and get a higher priority."""
+
+        class_version = 1
+        vip: bool
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.vip = self.vip
+
     @staticmethod
     def create_id(identities: list[str]) -> UUID:
         return ids.customer_id(identities[0])
@@ -148,12 +159,17 @@ class Customer(DomainAggregate):
         self.name = name
         self.conversations: list[str] = []
         self.merged_into: str | None = None
+        self.vip = False
         # other customer id -> (identities, conversations) it brought, so a merge can be undone.
         self.absorbed: dict[str, tuple[list[str], list[str]]] = {}
 
     @property
     def current_conversation_id(self) -> str | None:
         return self.conversations[-1] if self.conversations else None
+
+    def set_vip(self, vip: bool, *, actor: str, at: str) -> None:
+        if vip != self.vip:
+            self.trigger_event(self.VipChanged, vip=vip, actor=actor, at=at)
 
     def add_identity(self, identity: str, at: str, *, reason: str) -> None:
         if identity not in self.identities:

@@ -20,3 +20,11 @@ def customer_id(first_identity_key: str) -> UUID:
 
 def conversation_id(customer: UUID | str, opening_event_id: str) -> UUID:
     return uuid5(_NAMESPACE, f"conversation:{customer}:{opening_event_id}")
+
+
+def agent_id(agent: str) -> UUID:
+    return uuid5(_NAMESPACE, "agent:" + agent)
+
+
+def queue_id(queue: str) -> UUID:
+    return uuid5(_NAMESPACE, "queue:" + queue)

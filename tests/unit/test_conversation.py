@@ -576,7 +576,7 @@ def test_every_event_carries_a_class_version() -> None:
         and issubclass(value, Conversation.Event)
         and name not in ("Event", "Created")
     ]
-    assert len(kinds) == 13
+    assert len(kinds) == 20
     versions = {kind.__name__: getattr(kind, "class_version", None) for kind in kinds}
     assert versions.pop("DeliveryStatusRecorded") == 2  # provider_id added; v1 is upcast
     assert versions.pop("MessageReceived") == 2  # via added; v1 is upcast
