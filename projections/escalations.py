@@ -1,0 +1,607 @@
+"""Escalation queues: conversations a supervisor should look at, each with why and since when.
+
+Six queues (rules in docs/escalations.md): `escalated`, `sla_breach`, `vip`,
+`repeat_contact`, `low_csat`, `supervisor_requested`. One item per (queue, conversation).
+
+Tables (generation N):
+- `escalation_items_gN`: one row per item: `queue`, `conversation_id`, `customer_id`,
+  `reason`, `since`, and the conversation's routing `routing_queue`, `assignee`, `priority`,
+  kept current so a supervisor sees who has it;
+- `escalation_conversations_gN`: what the rules need of each conversation (owner, resolved,
+  routing, whether a low CSAT has been followed up);
+- `escalation_customers_gN`: the VIP flag of customers that ever had one;
+- `escalation_contacts_gN`: per customer, the inbound contacts of the last 24 hours (before
+  its newest one), the only memory the repeat-contact rule needs. Kept in a table, so a
+  restart or a second runner needs nothing rebuilt.
+
+A batch is applied in memory: the rows it touches are read once, every event changes them in
+log order, the changed ones are written once. Nothing is kept between batches.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from inbox.domain.time import parse_iso
+from projections.base import Event, table
+from projections.db import ReadModelDB, Tx
+from projections.inbox_view import QueryError
+from projections.tracking import STATE_TABLE, active_generation
+
+NAME = "escalations"
+ITEMS = "escalation_items"
+CONVERSATIONS = "escalation_conversations"
+CUSTOMERS = "escalation_customers"
+CONTACTS = "escalation_contacts"
+
+ESCALATED = "escalated"
+SLA_BREACH = "sla_breach"
+VIP = "vip"
+REPEAT_CONTACT = "repeat_contact"
+LOW_CSAT = "low_csat"
+SUPERVISOR_REQUESTED = "supervisor_requested"
+QUEUES = (ESCALATED, SLA_BREACH, VIP, REPEAT_CONTACT, LOW_CSAT, SUPERVISOR_REQUESTED)
+
+WINDOW = timedelta(hours=24)
+REPEAT_THRESHOLD = 3
+LOW_CSAT_MAX = 2
+CONTACT_ACTIVITIES = frozenset({"call.started", "chat.started"})
+MAX_LIMIT = 500
+_CHUNK = 500
+
+_ITEM_COLUMNS = (
+    "conversation_id",
+    "queue",
+    "customer_id",
+    "reason",
+    "since",
+    "routing_queue",
+    "assignee",
+    "priority",
+)
+_CONV_COLUMNS = (
+    "id",
+    "customer_id",
+    "resolved",
+    "routing_queue",
+    "assignee",
+    "priority",
+    "csat_followed",
+)
+_CONTACT_COLUMNS = ("customer_id", "notification_id", "conversation_id", "at")
+
+
+# -- the rules that need no database ------------------------------------------------------
+
+
+class Contact(NamedTuple):
+    """One inbound contact of a customer; sorts by time, then log order."""
+
+    at: datetime
+    notification_id: int
+    conversation_id: str
+    at_text: str
+
+
+def record_contact(window: list[Contact], contact: Contact) -> int:
+    """Adds `contact` to a customer's window (sorted) and returns how many contacts fall in
+    the 24 hours up to and including its time, itself included. Drops contacts more than 24 h
+    older than the newest: no later contact can count them."""
+    insort(window, contact)
+    newest = window[-1].at
+    cutoff = newest - WINDOW
+    drop = 0
+    while drop < len(window) and window[drop].at < cutoff:
+        drop += 1
+    del window[:drop]
+    start = contact.at - WINDOW
+    return sum(1 for c in window if start <= c.at <= contact.at)
+
+
+def is_contact(event_name: str, state: dict[str, Any]) -> bool:
+    """An inbound contact: a message the customer wrote (not an auto-reply or bounce), or a
+    call or chat they started."""
+    if event_name == "Conversation.MessageReceived":
+        return not state.get("automatic", False)
+    if event_name == "Conversation.ActivityRecorded":
+        return state.get("activity") in CONTACT_ACTIVITIES
+    return False
+
+
+def is_supervisor_request(state: dict[str, Any]) -> bool:
+    data = state.get("data") or {}
+    return state.get("activity") == "ivr.selected" and data.get("action") == "supervisor"
+
+
+def sla_reason(kind: str, due_at: str) -> str:
+    return f"{kind} breached (due {due_at})"
+
+
+def repeat_reason(count: int) -> str:
+    return f"{count} contacts in 24 h"
+
+
+def csat_reason(score: int) -> str:
+    return f"CSAT {score}/5"
+
+
+VIP_REASON = "VIP customer"
+SUPERVISOR_REASON = "asked the IVR for a supervisor"
+
+
+# -- in-memory state of one batch ---------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    reason: str
+    since: str
+
+
+@dataclass
+class _Conv:
+    owner: str
+    resolved: bool = False
+    routing_queue: str | None = None
+    assignee: str | None = None
+    priority: int = 0
+    # A low CSAT is followed up once the conversation has been open after it and is then
+    # resolved: True once it has been open.
+    csat_followed: bool = False
+    items: dict[str, _Item] = field(default_factory=dict)
+
+    def enter(self, queue: str, reason: str, since: str) -> None:
+        """Enters `queue`, or (already there) takes the newer reason and keeps the oldest
+        since."""
+        item = self.items.get(queue)
+        if item is None:
+            self.items[queue] = _Item(reason, since)
+        else:
+            item.reason = reason
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class _Batch:
+    def __init__(self, tx: Tx, tables: list[str]) -> None:
+        self.tx = tx
+        self.items_table, self.conv_table, self.cust_table, self.contact_table = tables
+        self.convs: dict[str, _Conv] = {}
+        self.vips: dict[str, bool] = {}
+        self.windows: dict[str, list[Contact]] = {}
+        self.dirty_convs: set[str] = set()
+        self.dirty_custs: set[str] = set()
+        self.dirty_windows: set[str] = set()
+        self.handlers: dict[str, Callable[[Event], None]] = {
+            "Conversation.Opened": self.opened,
+            "Conversation.MessageReceived": self.contact,
+            "Conversation.ActivityRecorded": self.activity,
+            "Conversation.Escalated": self.escalated,
+            "Conversation.SlaBreached": self.sla_breached,
+            "Conversation.CsatSubmitted": self.csat,
+            "Conversation.Resolved": self.resolved,
+            "Conversation.Reopened": self.reopened,
+            "Conversation.Queued": self.queued,
+            "Conversation.Transferred": self.transferred,
+            "Conversation.Assigned": self.assigned,
+            "Conversation.PriorityChanged": self.priority_changed,
+            "Customer.VipChanged": self.vip_changed,
+            "Customer.Merged": self.merged,
+            "Customer.MergeUndone": self.merge_undone,
+        }
+
+    # -- loading ------------------------------------------------------------------------
+
+    def load(self, events: Sequence[Event]) -> None:
+        conv_ids: set[str] = set()
+        cust_ids: set[str] = set()
+        vip_changes: set[str] = set()
+        for e in events:
+            if e.name.startswith("Conversation."):
+                conv_ids.add(e.originator_id)
+                if e.name == "Conversation.Opened":
+                    cust_ids.add(e.state["customer_id"])
+            else:
+                cust_ids.add(e.originator_id)
+                if e.name == "Customer.VipChanged":
+                    vip_changes.add(e.originator_id)
+                else:  # Merged, MergeUndone
+                    cust_ids.add(e.state["other"])
+                    conv_ids.update(e.state["conversations"])
+        self._load_convs(sorted(conv_ids), "id")
+        # Open conversations a VIP change may move in or out of the queue.
+        self._load_convs(sorted(vip_changes), "customer_id", open_only=True)
+        cust_ids.update(c.owner for c in self.convs.values())
+        self._load_customers(sorted(cust_ids))
+
+    def _load_convs(self, keys: Sequence[str], column: str, *, open_only: bool = False) -> None:
+        loaded: list[str] = []
+        for chunk in _chunks(keys):
+            sql = (
+                f"SELECT {', '.join(_CONV_COLUMNS)} FROM {self.conv_table} "
+                f"WHERE {column} IN ({_marks(len(chunk))})"
+            )
+            if open_only:
+                sql += " AND resolved=0"
+            for conv_id, owner, resolved, queue, assignee, priority, followed in self.tx.execute(
+                sql, chunk
+            ).fetchall():
+                if conv_id not in self.convs:
+                    self.convs[conv_id] = _Conv(
+                        owner, bool(resolved), queue, assignee, int(priority), bool(followed)
+                    )
+                    loaded.append(conv_id)
+        for chunk in _chunks(loaded):
+            for conv_id, queue, reason, since in self.tx.execute(
+                f"SELECT conversation_id, queue, reason, since FROM {self.items_table} "
+                f"WHERE conversation_id IN ({_marks(len(chunk))})",
+                chunk,
+            ).fetchall():
+                self.convs[conv_id].items[queue] = _Item(reason, since)
+
+    def _load_customers(self, cust_ids: Sequence[str]) -> None:
+        for chunk in _chunks(cust_ids):
+            marks = _marks(len(chunk))
+            for cust_id, vip in self.tx.execute(
+                f"SELECT id, vip FROM {self.cust_table} WHERE id IN ({marks})", chunk
+            ).fetchall():
+                self.vips[cust_id] = bool(vip)
+            for cust_id, nid, conv_id, at in self.tx.execute(
+                f"SELECT {', '.join(_CONTACT_COLUMNS)} FROM {self.contact_table} "
+                f"WHERE customer_id IN ({marks})",
+                chunk,
+            ).fetchall():
+                self._window(cust_id).append(Contact(parse_iso(at), int(nid), conv_id, at))
+        for window in self.windows.values():
+            window.sort()
+
+    def _window(self, customer_id: str) -> list[Contact]:
+        window = self.windows.get(customer_id)
+        if window is None:
+            window = self.windows[customer_id] = []
+        return window
+
+    # -- applying -----------------------------------------------------------------------
+
+    def run(self, events: Sequence[Event]) -> None:
+        self.load(events)
+        handlers = self.handlers
+        for e in events:
+            handler = handlers.get(e.name)
+            if handler is not None:
+                handler(e)
+        self.write()
+
+    def _conv(self, e: Event) -> _Conv | None:
+        conv = self.convs.get(e.originator_id)
+        if conv is not None:
+            self.dirty_convs.add(e.originator_id)
+        return conv
+
+    def _enter_open(self, e: Event, queue: str, reason: str) -> None:
+        """Enters a queue that only conversations not resolved wait in."""
+        conv = self._conv(e)
+        if conv is not None and not conv.resolved:
+            conv.enter(queue, reason, e.state["at"])
+
+    def opened(self, e: Event) -> None:
+        s = e.state
+        if e.originator_id in self.convs:
+            return
+        conv = _Conv(owner=s["customer_id"], routing_queue=s.get("queue"))
+        if self.vips.get(conv.owner, False):
+            conv.enter(VIP, VIP_REASON, s["at"])
+        self.convs[e.originator_id] = conv
+        self.dirty_convs.add(e.originator_id)
+
+    def contact(self, e: Event) -> None:
+        if not is_contact(e.name, e.state):
+            return
+        conv = self.convs.get(e.originator_id)
+        if conv is None:
+            return
+        at = e.state["at"]
+        window = self._window(conv.owner)
+        count = record_contact(
+            window, Contact(parse_iso(at), e.notification_id, e.originator_id, at)
+        )
+        self.dirty_windows.add(conv.owner)
+        if count >= REPEAT_THRESHOLD:
+            self._enter_open(e, REPEAT_CONTACT, repeat_reason(count))
+
+    def activity(self, e: Event) -> None:
+        if is_supervisor_request(e.state):
+            self._enter_open(e, SUPERVISOR_REQUESTED, SUPERVISOR_REASON)
+        else:
+            self.contact(e)
+
+    def escalated(self, e: Event) -> None:
+        self._enter_open(e, ESCALATED, e.state["reason"])
+
+    def sla_breached(self, e: Event) -> None:
+        self._enter_open(e, SLA_BREACH, sla_reason(e.state["kind"], e.state["due_at"]))
+
+    def csat(self, e: Event) -> None:
+        score = int(e.state["score"])
+        conv = self._conv(e)
+        if conv is None or score > LOW_CSAT_MAX:
+            return
+        # Survey answers come after the resolution: this queue takes resolved conversations.
+        conv.enter(LOW_CSAT, csat_reason(score), e.state["at"])
+        conv.csat_followed = not conv.resolved
+
+    def resolved(self, e: Event) -> None:
+        conv = self._conv(e)
+        if conv is None:
+            return
+        conv.resolved = True
+        low_csat = conv.items.get(LOW_CSAT)
+        conv.items.clear()
+        if low_csat is not None and not conv.csat_followed:
+            conv.items[LOW_CSAT] = low_csat
+        conv.csat_followed = False
+
+    def reopened(self, e: Event) -> None:
+        conv = self._conv(e)
+        if conv is not None:
+            conv.resolved = False
+            conv.csat_followed = LOW_CSAT in conv.items
+
+    def queued(self, e: Event) -> None:
+        conv = self._conv(e)
+        if conv is not None:
+            conv.routing_queue = e.state["queue"]
+            conv.priority = int(e.state["priority"])
+
+    def transferred(self, e: Event) -> None:
+        conv = self._conv(e)
+        if conv is not None:
+            conv.routing_queue = e.state["queue"]
+            conv.assignee = None
+
+    def assigned(self, e: Event) -> None:
+        conv = self._conv(e)
+        if conv is not None:
+            conv.assignee = e.state["agent"]
+
+    def priority_changed(self, e: Event) -> None:
+        conv = self._conv(e)
+        if conv is not None:
+            conv.priority = int(e.state["priority"])
+
+    # -- customers ----------------------------------------------------------------------
+
+    def _place_vip(self, conv_id: str, conv: _Conv, at: str) -> None:
+        """Puts an open conversation in or out of the VIP queue after its owner changed."""
+        if self.vips.get(conv.owner, False) and not conv.resolved:
+            if VIP not in conv.items:
+                conv.items[VIP] = _Item(VIP_REASON, at)
+                self.dirty_convs.add(conv_id)
+        elif VIP in conv.items and not conv.resolved:
+            del conv.items[VIP]
+            self.dirty_convs.add(conv_id)
+
+    def vip_changed(self, e: Event) -> None:
+        customer = e.originator_id
+        self.vips[customer] = bool(e.state["vip"])
+        self.dirty_custs.add(customer)
+        for conv_id, conv in self.convs.items():
+            if conv.owner == customer:
+                self._place_vip(conv_id, conv, e.state["at"])
+
+    def _move(self, conversation_ids: Iterable[str], source: str, target: str, at: str) -> None:
+        """Conversations (and their recent contacts) now show under `target`."""
+        moving = set(conversation_ids)
+        for conv_id in sorted(moving):
+            conv = self.convs.get(conv_id)
+            if conv is None:
+                continue
+            conv.owner = target
+            self.dirty_convs.add(conv_id)
+            self._place_vip(conv_id, conv, at)
+        window = self._window(source)
+        moved = [c for c in window if c.conversation_id in moving]
+        if moved:
+            window[:] = [c for c in window if c.conversation_id not in moving]
+            target_window = self._window(target)
+            target_window.extend(moved)
+            target_window.sort()
+            self.dirty_windows.update((source, target))
+
+    def merged(self, e: Event) -> None:
+        s = e.state
+        self._move(s["conversations"], s["other"], e.originator_id, s["at"])
+
+    def merge_undone(self, e: Event) -> None:
+        s = e.state
+        self._move(s["conversations"], e.originator_id, s["other"], s["at"])
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write(self) -> None:
+        tx = self.tx
+        dirty = sorted(self.dirty_convs)
+        for chunk in _chunks(dirty):
+            tx.execute(
+                f"DELETE FROM {self.items_table} WHERE conversation_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+        conv_rows = []
+        item_rows = []
+        for conv_id in dirty:
+            c = self.convs[conv_id]
+            conv_rows.append(
+                (
+                    conv_id,
+                    c.owner,
+                    int(c.resolved),
+                    c.routing_queue,
+                    c.assignee,
+                    c.priority,
+                    int(c.csat_followed),
+                )
+            )
+            for queue, item in c.items.items():
+                item_rows.append(
+                    (
+                        conv_id,
+                        queue,
+                        c.owner,
+                        item.reason,
+                        item.since,
+                        c.routing_queue,
+                        c.assignee,
+                        c.priority,
+                    )
+                )
+        tx.executemany(_upsert(self.conv_table, _CONV_COLUMNS, "id"), conv_rows)
+        tx.executemany(
+            f"INSERT INTO {self.items_table} ({', '.join(_ITEM_COLUMNS)}) "
+            f"VALUES ({_marks(len(_ITEM_COLUMNS))})",
+            item_rows,
+        )
+        tx.executemany(
+            _upsert(self.cust_table, ("id", "vip"), "id"),
+            [(c, int(self.vips[c])) for c in sorted(self.dirty_custs)],
+        )
+        windows = sorted(self.dirty_windows)
+        for chunk in _chunks(windows):
+            tx.execute(
+                f"DELETE FROM {self.contact_table} WHERE customer_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+        tx.executemany(
+            f"INSERT INTO {self.contact_table} ({', '.join(_CONTACT_COLUMNS)}) "
+            f"VALUES ({_marks(len(_CONTACT_COLUMNS))})",
+            [
+                (cust, c.notification_id, c.conversation_id, c.at_text)
+                for cust in windows
+                for c in self.windows[cust]
+            ],
+        )
+
+
+def _upsert(name: str, columns: Sequence[str], key: str) -> str:
+    sets = ", ".join(f"{c}=excluded.{c}" for c in columns if c != key)
+    return (
+        f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({_marks(len(columns))}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
+    )
+
+
+class Escalations:
+    """The projection (see the module doc). `Escalations()`: no arguments."""
+
+    name = NAME
+    handles = frozenset(
+        {
+            "Conversation.Opened",
+            "Conversation.MessageReceived",
+            "Conversation.ActivityRecorded",
+            "Conversation.Escalated",
+            "Conversation.SlaBreached",
+            "Conversation.CsatSubmitted",
+            "Conversation.Resolved",
+            "Conversation.Reopened",
+            "Conversation.Queued",
+            "Conversation.Transferred",
+            "Conversation.Assigned",
+            "Conversation.PriorityChanged",
+            "Customer.VipChanged",
+            "Customer.Merged",
+            "Customer.MergeUndone",
+        }
+    )
+
+    def tables(self, generation: int) -> list[str]:
+        return [table(t, generation) for t in (ITEMS, CONVERSATIONS, CUSTOMERS, CONTACTS)]
+
+    def create_tables(self, tx: Tx, generation: int) -> None:
+        items, convs, custs, contacts = self.tables(generation)
+        clustered = "" if tx.is_postgres else " WITHOUT ROWID"
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {items} (conversation_id TEXT NOT NULL, "
+            "queue TEXT NOT NULL, customer_id TEXT NOT NULL, reason TEXT NOT NULL, "
+            "since TEXT NOT NULL, routing_queue TEXT, assignee TEXT, priority INTEGER NOT NULL, "
+            "PRIMARY KEY (conversation_id, queue))" + clustered
+        )
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {convs} (id TEXT PRIMARY KEY, "
+            "customer_id TEXT NOT NULL, resolved INTEGER NOT NULL, routing_queue TEXT, "
+            "assignee TEXT, priority INTEGER NOT NULL, csat_followed INTEGER NOT NULL)" + clustered
+        )
+        # Applying a VIP change looks up the customer's open conversations: needed while
+        # a rebuild runs, so it is not left to create_indexes.
+        tx.execute(
+            f"CREATE INDEX IF NOT EXISTS {convs}_customer ON {convs} (customer_id, resolved)"
+        )
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {custs} (id TEXT PRIMARY KEY, vip INTEGER NOT NULL)"
+            + clustered
+        )
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {contacts} (customer_id TEXT NOT NULL, "
+            "notification_id BIGINT NOT NULL, conversation_id TEXT NOT NULL, at TEXT NOT NULL, "
+            "PRIMARY KEY (customer_id, notification_id))" + clustered
+        )
+
+    def create_indexes(self, tx: Tx, generation: int) -> None:
+        items = self.tables(generation)[0]
+        tx.execute(
+            f"CREATE INDEX IF NOT EXISTS {items}_queue ON {items} (queue, since, conversation_id)"
+        )
+
+    def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
+        _Batch(tx, self.tables(generation)).run(events)
+
+    def committed(self, generation: int, position: int) -> None:
+        """Nothing kept in memory: the contact windows live in a table."""
+
+    def forget(self) -> None:
+        """Nothing kept in memory."""
+
+
+def escalation_queues(db: ReadModelDB, *, limit: int = 500) -> list[dict[str, Any]]:
+    """Every escalation queue, in a fixed order, with up to `limit` items each, oldest first:
+    `[{"name", "items": [{"conversation", "customer", "reason", "since", "queue", "assignee",
+    "priority"}, ...]}, ...]`. Raises QueryError when `limit` is not from 1 to 500."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be from 1 to {MAX_LIMIT}")
+    result: list[dict[str, Any]] = [{"name": q, "items": []} for q in QUEUES]
+    if not db.table_exists(STATE_TABLE):  # no projection ever ran on this database
+        return result
+    with db.read() as tx:
+        state = active_generation(tx, NAME)
+        if state is None:
+            return result
+        items = table(ITEMS, state.generation)
+        for queue in result:
+            rows = tx.execute(
+                "SELECT conversation_id, customer_id, reason, since, routing_queue, assignee, "
+                f"priority FROM {items} WHERE queue=? ORDER BY since, conversation_id LIMIT ?",
+                (queue["name"], limit),
+            ).fetchall()
+            queue["items"] = [
+                {
+                    "conversation": conv_id,
+                    "customer": customer,
+                    "reason": reason,
+                    "since": since,
+                    "queue": routing_queue,
+                    "assignee": assignee,
+                    "priority": priority,
+                }
+                for conv_id, customer, reason, since, routing_queue, assignee, priority in rows
+            ]
+    return result
