@@ -89,17 +89,18 @@ class Contact(NamedTuple):
 
 def record_contact(window: list[Contact], contact: Contact) -> int:
     """Adds `contact` to a customer's window (sorted) and returns how many contacts fall in
-    the 24 hours up to and including its time, itself included. Drops contacts more than 24 h
-    older than the newest: no later contact can count them."""
+    the 24 hours up to and including its time, itself included. Then drops contacts more than
+    24 h older than the newest: no later contact can count them (a contact arriving that late
+    is counted against what is left, then dropped)."""
     insort(window, contact)
-    newest = window[-1].at
-    cutoff = newest - WINDOW
+    start = contact.at - WINDOW
+    count = sum(1 for c in window if start <= c.at <= contact.at)
+    cutoff = window[-1].at - WINDOW
     drop = 0
     while drop < len(window) and window[drop].at < cutoff:
         drop += 1
     del window[:drop]
-    start = contact.at - WINDOW
-    return sum(1 for c in window if start <= c.at <= contact.at)
+    return count
 
 
 def is_contact(event_name: str, state: dict[str, Any]) -> bool:
