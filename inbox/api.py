@@ -7,7 +7,7 @@ errors are JSON `{"error": {"code", "message"}}` mapped in one place.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -23,11 +23,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from inbox import audit, telemetry
+from inbox.access import Principal, can_work_on
+from inbox.agents import AlreadyExists, Directory, InvalidSpec, agent_profile, queue_spec
 from inbox.commands import Commands, NotFound
 from inbox.domain.errors import ConversationStateError, CustomerMergeError, DomainError
 from inbox.identity import InvalidIdentity, parse_key
 from infra.store import EventStore
-from projections import inbox_view, timeline, tracking
+from projections import directory, inbox_view, timeline, tracking
 from projections.db import ReadModelDB
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
@@ -52,10 +54,25 @@ class ApiContext:
     read_models: ReadModelDB
     admin_token: str
     commands: Commands | None = None
+    directory: Directory | None = None
+    # called after a command stored something, so followers (router, stream) look at once
+    stored: Callable[[], None] = lambda: None
 
     def __post_init__(self) -> None:
         if self.commands is None:
             self.commands = Commands(self.store)
+        if self.directory is None:
+            self.directory = Directory(self.store, admin_token=self.admin_token)
+        self._queue_skills: tuple[float, dict[str, str | None]] = (0.0, {})
+
+    def queue_skills(self) -> dict[str, str | None]:
+        """Queue name -> the skill it needs, from the directory view (kept a second)."""
+        loaded_at, skills = self._queue_skills
+        now = time.monotonic()
+        if now - loaded_at > 1.0:
+            skills = {q["name"]: q.get("skill") for q in directory.list_queues(self.read_models)}
+            self._queue_skills = (now, skills)
+        return skills
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -86,15 +103,50 @@ def _context(request: Request) -> ApiContext:
     return ctx
 
 
-def _authenticate(request: Request) -> str:
-    """The caller's role. Issue 2 knows the admin token only; agents come with their roles."""
+def _directory(request: Request) -> Directory:
+    found = _context(request).directory
+    assert found is not None
+    return found
+
+
+async def _authenticate(request: Request, permission: str) -> Principal:
+    """Who calls (401 when nobody we know) and whether their role may do this (403)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "unauthenticated", "send Authorization: Bearer TOKEN")
-    if hmac.compare_digest(token.encode(), _context(request).admin_token.encode()):
-        return "admin"
-    raise ApiError(401, "unauthenticated", "unknown token")
+    principal: Principal | None = await _off_loop(_directory(request).authenticate, token)
+    if principal is None:
+        raise ApiError(401, "unauthenticated", "unknown token")
+    if not principal.may(permission):
+        raise ApiError(403, "forbidden", f"a {principal.role} may not do this")
+    return principal
+
+
+def _forbidden_queues(ctx: ApiContext, principal: Principal) -> list[str]:
+    return [
+        q
+        for q, skill in ctx.queue_skills().items()
+        if not can_work_on(principal, assignee=None, offered_to=None, queue_skill=skill)
+    ]
+
+
+def _in_scope(ctx: ApiContext, principal: Principal, conversation_id: UUID) -> None:
+    """403 when an agent reaches for a conversation outside their scope (404 if none)."""
+    if principal.sees_everything:
+        return
+    conversation = ctx.store.get(conversation_id)
+    if conversation is None or type(conversation).__name__ != "Conversation":
+        raise ApiError(404, "not_found", f"no conversation {conversation_id}")
+    queue = conversation.queue
+    allowed = can_work_on(
+        principal,
+        assignee=conversation.assignee,
+        offered_to=conversation.offered_to,
+        queue_skill=None if queue is None else ctx.queue_skills().get(queue),
+    )
+    if not allowed:
+        raise ApiError(403, "forbidden", "the conversation is not yours or your queues'")
 
 
 def _uuid(text: str, what: str) -> UUID:
@@ -146,30 +198,34 @@ def _list_filters(params: Mapping[str, str]) -> dict[str, Any]:
 
 
 async def list_conversations(request: Request) -> Response:
-    _authenticate(request)
+    principal = await _authenticate(request, "conversations.read")
     filters = _list_filters(request.query_params)
+    ctx = _context(request)
+    if filters.get("assignee") == "me":
+        filters["assignee"] = principal.agent_id
+    if not principal.sees_everything:
+        forbidden = await _off_loop(_forbidden_queues, ctx, principal)
+        filters["scope"] = (principal.agent_id, forbidden)
     try:
-        page = await _off_loop(
-            inbox_view.list_conversations, _context(request).read_models, **filters
-        )
+        page = await _off_loop(inbox_view.list_conversations, ctx.read_models, **filters)
     except ValueError as exc:  # a cursor that is not one of ours
         raise ApiError(422, "invalid", str(exc)) from None
     return JSONResponse(page)
 
 
 async def get_conversation(request: Request) -> Response:
-    _authenticate(request)
+    principal = await _authenticate(request, "conversations.read")
     conversation_id = _uuid(request.path_params["id"], "conversation")
-    item = await _off_loop(
-        timeline.get_conversation, _context(request).read_models, str(conversation_id)
-    )
+    ctx = _context(request)
+    await _off_loop(_in_scope, ctx, principal, conversation_id)
+    item = await _off_loop(timeline.get_conversation, ctx.read_models, str(conversation_id))
     if item is None:
         raise ApiError(404, "not_found", f"no conversation {conversation_id}")
     return JSONResponse(item)
 
 
 async def conversation_events(request: Request) -> Response:
-    _authenticate(request)
+    await _authenticate(request, "conversations.audit")
     conversation_id = _uuid(request.path_params["id"], "conversation")
     entries = await _off_loop(audit.history, _context(request).store, conversation_id)
     if not entries or entries[0]["aggregate"] != "Conversation":
@@ -178,7 +234,7 @@ async def conversation_events(request: Request) -> Response:
 
 
 async def get_customer(request: Request) -> Response:
-    _authenticate(request)
+    await _authenticate(request, "customers.read")
     customer_id = _uuid(request.path_params["id"], "customer")
     customer = await _off_loop(
         inbox_view.get_customer, _context(request).read_models, str(customer_id)
@@ -215,6 +271,8 @@ def _changed(conversation: Any, status: int = 200, **extra: Any) -> JSONResponse
             "id": str(conversation.id),
             "status": conversation.status,
             "version": conversation.version,
+            "assignee": conversation.assignee,
+            "queue": conversation.queue,
             **extra,
         },
         status_code=status,
@@ -224,6 +282,8 @@ def _changed(conversation: Any, status: int = 200, **extra: Any) -> JSONResponse
 _CONVERSATION_COMMANDS: dict[str, tuple[str, ...]] = {
     "notes": ("text",),
     "assign": ("agent",),
+    "accept": (),
+    "decline": (),
     "transfer": ("queue",),
     "escalate": ("reason",),
     "resolve": (),
@@ -232,18 +292,38 @@ _CONVERSATION_COMMANDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _assignee(principal: Principal, wanted: str) -> tuple[str, bool]:
+    """(agent, claim): an agent may only take a conversation for themselves, and only when
+    nobody has it; supervisors and admins assign anyone, over someone else."""
+    agent = principal.agent_id if wanted == "me" else wanted
+    if principal.sees_everything:
+        return agent, False
+    if agent != principal.agent_id:
+        raise ApiError(403, "forbidden", "an agent assigns conversations only to themselves")
+    return agent, True
+
+
 async def conversation_command(request: Request) -> Response:
-    role = _authenticate(request)
-    conversation_id = _uuid(request.path_params["id"], "conversation")
     command = request.path_params["command"]
     if command not in _CONVERSATION_COMMANDS:
         raise ApiError(404, "not_found", f"no command {command!r}")
+    principal = await _authenticate(request, "conversations.act")
+    conversation_id = _uuid(request.path_params["id"], "conversation")
     body = await _body(request, *_CONVERSATION_COMMANDS[command])
+    ctx = _context(request)
+    await _off_loop(_in_scope, ctx, principal, conversation_id)
     commands = _commands(request)
-    actor = role
+    actor = principal.agent_id
+
+    def assign() -> Any:
+        agent, claim = _assignee(principal, body["agent"])
+        return commands.assign(conversation_id, agent, actor=actor, claim=claim)
+
     act: dict[str, Callable[[], Any]] = {
         "notes": lambda: commands.add_note(conversation_id, body["text"], actor=actor),
-        "assign": lambda: commands.assign(conversation_id, body["agent"], actor=actor),
+        "assign": assign,
+        "accept": lambda: commands.accept_offer(conversation_id, actor),
+        "decline": lambda: commands.decline_offer(conversation_id, actor),
         "transfer": lambda: commands.transfer(conversation_id, body["queue"], actor=actor),
         "escalate": lambda: commands.escalate(conversation_id, body["reason"], actor=actor),
         "resolve": lambda: commands.resolve(conversation_id, actor=actor),
@@ -251,6 +331,7 @@ async def conversation_command(request: Request) -> Response:
         "pending": lambda: commands.mark_pending(conversation_id, actor=actor),
     }
     conversation = await _off_loop(act[command])
+    ctx.stored()
     return _changed(conversation, 201 if command == "notes" else 200)
 
 
@@ -258,7 +339,7 @@ _REPLY_CHANNELS = _CHANNELS - {"voice"}
 
 
 async def reply(request: Request) -> Response:
-    role = _authenticate(request)
+    principal = await _authenticate(request, "conversations.act")
     conversation_id = _uuid(request.path_params["id"], "conversation")
     body = await _body(request, "text")
     channel = body.get("channel")
@@ -266,31 +347,150 @@ async def reply(request: Request) -> Response:
         raise ApiError(
             422, "invalid", f"channel must be one of {', '.join(sorted(_REPLY_CHANNELS))}"
         )
+    ctx = _context(request)
+    await _off_loop(_in_scope, ctx, principal, conversation_id)
     conversation, message_id = await _off_loop(
-        _commands(request).reply, conversation_id, body["text"], channel=channel, actor=role
+        _commands(request).reply,
+        conversation_id,
+        body["text"],
+        channel=channel,
+        actor=principal.agent_id,
     )
+    ctx.stored()
     return _changed(conversation, 202, message_id=message_id)
 
 
 async def merge_customers(request: Request) -> Response:
-    role = _authenticate(request)
+    principal = await _authenticate(request, "customers.merge")
     customer_id = _uuid(request.path_params["id"], "customer")
     body = await _body(request, "other")
     other = _uuid(body["other"], "customer")
-    survivor = await _off_loop(_commands(request).merge, customer_id, other, actor=role)
+    survivor = await _off_loop(
+        _commands(request).merge, customer_id, other, actor=principal.agent_id
+    )
     return JSONResponse({"id": str(survivor.id), "identities": survivor.identities})
 
 
 async def unmerge_customer(request: Request) -> Response:
-    role = _authenticate(request)
+    principal = await _authenticate(request, "customers.merge")
     customer_id = _uuid(request.path_params["id"], "customer")
     body = await _body(request, "identity")
     try:
         identity = parse_key(body["identity"])
     except InvalidIdentity as exc:
         raise ApiError(422, "invalid", f"identity: {exc}") from None
-    restored = await _off_loop(_commands(request).unmerge, customer_id, identity, actor=role)
+    restored = await _off_loop(
+        _commands(request).unmerge, customer_id, identity, actor=principal.agent_id
+    )
     return JSONResponse({"id": str(restored.id), "identities": restored.identities})
+
+
+async def set_vip(request: Request) -> Response:
+    principal = await _authenticate(request, "customers.vip")
+    customer_id = _uuid(request.path_params["id"], "customer")
+    body = await _body(request)
+    vip = body.get("vip")
+    if not isinstance(vip, bool):
+        raise ApiError(422, "invalid", "vip must be true or false")
+    customer = await _off_loop(
+        _commands(request).set_vip, customer_id, vip, actor=principal.agent_id
+    )
+    _context(request).stored()
+    return JSONResponse({"id": str(customer.id), "vip": customer.vip})
+
+
+# -- agents and queues ---------------------------------------------------------------------
+
+
+async def create_agent(request: Request) -> Response:
+    principal = await _authenticate(request, "agents.manage")
+    body = await _body(request, "id")
+    try:
+        profile = agent_profile(body)
+        token = await _off_loop(
+            _directory(request).register, body["id"], profile, actor=principal.agent_id
+        )
+    except InvalidSpec as exc:
+        raise ApiError(422, "invalid", str(exc)) from None
+    except AlreadyExists as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    _context(request).stored()
+    return JSONResponse({"id": body["id"], "token": token, **profile}, status_code=201)
+
+
+async def list_agents(request: Request) -> Response:
+    await _authenticate(request, "agents.read")
+    agents = await _off_loop(directory.list_agents, _context(request).read_models)
+    return JSONResponse({"items": agents})
+
+
+async def update_agent(request: Request) -> Response:
+    principal = await _authenticate(request, "agents.manage")
+    agent_id = request.path_params["id"]
+    body = await _body(request)
+    try:
+        profile = agent_profile(body)
+        agent = await _off_loop(
+            _directory(request).change_profile, agent_id, profile, actor=principal.agent_id
+        )
+    except InvalidSpec as exc:
+        raise ApiError(422, "invalid", str(exc)) from None
+    except LookupError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    _context(request).stored()
+    return JSONResponse({"id": agent.agent_id, **profile})
+
+
+async def replace_token(request: Request) -> Response:
+    principal = await _authenticate(request, "agents.manage")
+    agent_id = request.path_params["id"]
+    try:
+        token = await _off_loop(
+            _directory(request).replace_token, agent_id, actor=principal.agent_id
+        )
+    except LookupError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    return JSONResponse({"id": agent_id, "token": token})
+
+
+async def set_presence(request: Request) -> Response:
+    principal = await _authenticate(request, "presence.own")
+    body = await _body(request, "status")
+    try:
+        agent = await _off_loop(
+            _directory(request).set_presence,
+            principal.agent_id,
+            body["status"],
+            reason="set by the agent",
+            actor=principal.agent_id,
+        )
+    except InvalidSpec as exc:
+        raise ApiError(422, "invalid", str(exc)) from None
+    _context(request).stored()
+    return JSONResponse(
+        {"id": agent.agent_id, "status": agent.presence, "since": agent.presence_since}
+    )
+
+
+async def list_queues(request: Request) -> Response:
+    await _authenticate(request, "queues.read")
+    queues = await _off_loop(directory.list_queues, _context(request).read_models)
+    return JSONResponse({"items": queues})
+
+
+async def put_queue(request: Request) -> Response:
+    principal = await _authenticate(request, "queues.manage")
+    name = request.path_params["name"]
+    body = await _body(request)
+    try:
+        spec = queue_spec(name, body)
+    except InvalidSpec as exc:
+        raise ApiError(422, "invalid", str(exc)) from None
+    created = await _off_loop(
+        _directory(request).define_queue, name, spec, actor=principal.agent_id
+    )
+    _context(request).stored()
+    return JSONResponse({"name": name, **spec}, status_code=201 if created else 200)
 
 
 async def healthz(_: Request) -> Response:
@@ -309,6 +509,13 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/healthz", healthz),
         Route("/metrics", prometheus),
+        Route("/api/v1/agents", create_agent, methods=["POST"]),
+        Route("/api/v1/agents", list_agents, methods=["GET"]),
+        Route("/api/v1/agents/me/presence", set_presence, methods=["PUT"]),
+        Route("/api/v1/agents/{id}", update_agent, methods=["PUT"]),
+        Route("/api/v1/agents/{id}/token", replace_token, methods=["POST"]),
+        Route("/api/v1/queues", list_queues, methods=["GET"]),
+        Route("/api/v1/queues/{name}", put_queue, methods=["PUT"]),
         Route("/api/v1/conversations", list_conversations),
         Route("/api/v1/conversations/{id}", get_conversation),
         Route("/api/v1/conversations/{id}/events", conversation_events),
@@ -317,6 +524,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/v1/customers/{id}", get_customer),
         Route("/api/v1/customers/{id}/merge", merge_customers, methods=["POST"]),
         Route("/api/v1/customers/{id}/unmerge", unmerge_customer, methods=["POST"]),
+        Route("/api/v1/customers/{id}/vip", set_vip, methods=["POST"]),
     ]
 
 

@@ -22,6 +22,8 @@ from inbox.domain.time import Clock, iso, system_clock
 from inbox.ports import EventStorePort
 
 T = TypeVar("T")
+# (channel, conversation id, survey message id) -> the survey's text, None: send none
+SurveyText = Callable[[str, str, str], str | None]
 _ATTEMPTS = 5
 
 
@@ -36,10 +38,12 @@ class Commands:
         *,
         clock: Clock = system_clock,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        survey_text: SurveyText = lambda channel, conversation, message: None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.new_id = new_id
+        self.survey_text = survey_text
 
     def _retrying(self, decide: Callable[[], T]) -> T:
         for _ in range(_ATTEMPTS - 1):
@@ -79,10 +83,38 @@ class Commands:
             conversation_id, lambda c, at: c.add_note(text, actor=actor, at=at)
         )
 
-    def assign(self, conversation_id: UUID, agent: str | None, *, actor: str) -> Conversation:
+    def assign(
+        self, conversation_id: UUID, agent: str | None, *, actor: str, claim: bool = False
+    ) -> Conversation:
         return self._on_conversation(
-            conversation_id, lambda c, at: c.assign(agent, actor=actor, at=at)
+            conversation_id, lambda c, at: c.assign(agent, actor=actor, at=at, claim=claim)
         )
+
+    def accept_offer(self, conversation_id: UUID, agent: str) -> Conversation:
+        """The agent takes what the router offered them; a conversation someone else got
+        first is refused (409)."""
+
+        def act(c: Conversation, at: str) -> None:
+            if c.offered_to != agent and c.assignee is None:
+                raise ConversationStateError(f"no offer to {agent} is outstanding")
+            c.assign(agent, actor=agent, at=at, claim=True)
+
+        return self._on_conversation(conversation_id, act)
+
+    def decline_offer(self, conversation_id: UUID, agent: str) -> Conversation:
+        return self._on_conversation(
+            conversation_id,
+            lambda c, at: c.lapse_offer(agent, reason="declined", actor=agent, at=at),
+        )
+
+    def set_vip(self, customer_id: UUID, vip: bool, *, actor: str) -> Customer:
+        def decide() -> Customer:
+            customer = self._customer(customer_id)
+            customer.set_vip(vip, actor=actor, at=iso(self.clock()))
+            self.store.save(customer)
+            return customer
+
+        return self._retrying(decide)
 
     def transfer(self, conversation_id: UUID, queue: str, *, actor: str) -> Conversation:
         return self._on_conversation(
@@ -95,7 +127,18 @@ class Commands:
         )
 
     def resolve(self, conversation_id: UUID, *, actor: str) -> Conversation:
-        return self._on_conversation(conversation_id, lambda c, at: c.resolve(actor=actor, at=at))
+        """Resolves, and queues the satisfaction survey through the customer's last channel
+        in the same save (a conversation that only ever called gets none: no text channel)."""
+        message_id = self.new_id()
+
+        def act(c: Conversation, at: str) -> None:
+            c.resolve(actor=actor, at=at)
+            channel = c.last_inbound_channel or c.channel
+            text = self.survey_text(channel, str(c.id), message_id)
+            if text is not None:
+                c.queue_survey(message_id, channel, text, actor=actor, at=at)
+
+        return self._on_conversation(conversation_id, act)
 
     def reopen(self, conversation_id: UUID, *, actor: str) -> Conversation:
         return self._on_conversation(conversation_id, lambda c, at: c.reopen(actor=actor, at=at))

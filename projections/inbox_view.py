@@ -34,7 +34,7 @@ CLAIMS = "inbox_claims"
 
 OPEN, PENDING, RESOLVED = "open", "pending", "resolved"
 STATUSES = frozenset({OPEN, PENDING, RESOLVED})
-DEFAULT_PRIORITY = "normal"
+DEFAULT_PRIORITY = 0
 MAX_LIMIT = 500
 
 _CONV_COLUMNS = (
@@ -58,6 +58,9 @@ _CONV_COLUMNS = (
     "resolved_at",
     "previous_id",
     "events",
+    "offered_to",
+    "first_response_at",
+    "cycle_started_at",
 )
 # Positions in a conversation row (a list, in memory, in `_CONV_COLUMNS` order).
 CUSTOMER_ID = 1
@@ -79,6 +82,9 @@ UPDATED_AT = 16
 RESOLVED_AT = 17
 PREVIOUS_ID = 18
 EVENTS = 19
+OFFERED_TO = 20
+FIRST_RESPONSE_AT = 21
+CYCLE_STARTED_AT = 22
 _CUST_COLUMNS = ("id", "name", "identities", "merged_into", "created_at", "updated_at")
 _CLAIM_COLUMNS = ("claim_id", "key", "customer_id")
 _CHUNK = 500
@@ -119,6 +125,11 @@ class InboxView:
             "Conversation.Reopened",
             "Conversation.DeliveryStatusRecorded",
             "Conversation.CsatSubmitted",
+            "Conversation.SurveyQueued",
+            "Conversation.Queued",
+            "Conversation.PriorityChanged",
+            "Conversation.Offered",
+            "Conversation.OfferLapsed",
             "Customer.Registered",
             "Customer.IdentityAdded",
             "Customer.NameLearned",
@@ -141,11 +152,12 @@ class InboxView:
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {conv} (id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, "
             "owner_id TEXT NOT NULL, channels TEXT NOT NULL, status TEXT NOT NULL, "
-            "assignee TEXT, queue TEXT, priority TEXT NOT NULL, escalated INTEGER NOT NULL, "
+            "assignee TEXT, queue TEXT, priority INTEGER NOT NULL, escalated INTEGER NOT NULL, "
             "last_channel TEXT, last_text TEXT, last_at TEXT, last_direction TEXT, "
             "waiting_since TEXT, sla_due_at TEXT, opened_at TEXT NOT NULL, "
             "updated_at TEXT NOT NULL, resolved_at TEXT, previous_id TEXT, "
-            "events INTEGER NOT NULL)" + clustered
+            "events INTEGER NOT NULL, offered_to TEXT, first_response_at TEXT, "
+            "cycle_started_at TEXT)" + clustered
         )
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {cust} (id TEXT PRIMARY KEY, name TEXT, "
@@ -234,6 +246,11 @@ class _Batch:
             "Conversation.Reopened": self.reopened,
             "Conversation.DeliveryStatusRecorded": self.follow_up,
             "Conversation.CsatSubmitted": self.follow_up,
+            "Conversation.SurveyQueued": self.follow_up,
+            "Conversation.Queued": self.queued,
+            "Conversation.PriorityChanged": self.priority_changed,
+            "Conversation.Offered": self.offered,
+            "Conversation.OfferLapsed": self.offer_lapsed,
             "Customer.Registered": self.registered,
             "Customer.IdentityAdded": self.identity_added,
             "Customer.NameLearned": self.name_learned,
@@ -388,6 +405,9 @@ class _Batch:
             None,  # resolved_at
             s.get("previous"),
             1,  # events
+            None,  # offered_to
+            None,  # first_response_at
+            at,  # cycle_started_at
         ]
         self.dirty_convs.add(e.originator_id)
 
@@ -450,17 +470,42 @@ class _Batch:
         row[LAST_AT] = s["at"]
         row[LAST_DIRECTION] = "out"
         row[WAITING_SINCE] = None
+        if row[FIRST_RESPONSE_AT] is None:
+            row[FIRST_RESPONSE_AT] = s["at"]
 
     def assigned(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
             row[ASSIGNEE] = e.state["agent"]
+            row[OFFERED_TO] = None
 
     def transferred(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
             row[QUEUE] = e.state["queue"]
             row[ASSIGNEE] = None
+            row[OFFERED_TO] = None
+
+    def queued(self, e: Event) -> None:
+        row = self._touch(e, update=False)
+        if row is not None:
+            row[QUEUE] = e.state["queue"]
+            row[PRIORITY] = e.state["priority"]
+
+    def priority_changed(self, e: Event) -> None:
+        row = self._touch(e, update=False)
+        if row is not None:
+            row[PRIORITY] = e.state["priority"]
+
+    def offered(self, e: Event) -> None:
+        row = self._touch(e, update=False)
+        if row is not None:
+            row[OFFERED_TO] = e.state["agent"]
+
+    def offer_lapsed(self, e: Event) -> None:
+        row = self._touch(e, update=False)
+        if row is not None:
+            row[OFFERED_TO] = None
 
     def escalated(self, e: Event) -> None:
         row = self._touch(e)
@@ -478,12 +523,15 @@ class _Batch:
             row[STATUS] = RESOLVED
             row[RESOLVED_AT] = e.state["at"]
             row[WAITING_SINCE] = None
+            row[OFFERED_TO] = None
 
     def reopened(self, e: Event) -> None:
         row = self._touch(e)
         if row is not None:
             row[STATUS] = OPEN
             row[RESOLVED_AT] = None
+            row[CYCLE_STARTED_AT] = e.state["at"]
+            row[FIRST_RESPONSE_AT] = None
 
     # -- customers ----------------------------------------------------------------------
 
@@ -604,6 +652,7 @@ def _item(row: tuple[Any, ...]) -> dict[str, Any]:
         "assignee": r["assignee"],
         "queue": r["queue"],
         "priority": r["priority"],
+        "offered_to": r["offered_to"],
         "escalated": bool(r["escalated"]),
         "last_message": _last_message(r),
         "waiting_since": r["waiting_since"],
@@ -697,13 +746,16 @@ def list_conversations(
     customer: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
+    scope: tuple[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """The inbox: conversations, most recently updated first, `{"items": [...], "next": ...}`.
 
     `status`: open, pending, resolved, a comma list of them, or "all" (default: open and
     pending). `customer`: a customer id or an identity key (`email:...`, `phone:+...`); a
     merged customer's conversations show under the customer it was merged into. `next` is an
-    opaque cursor for the following page, None on the last. Raises QueryError on bad input."""
+    opaque cursor for the following page, None on the last. `scope` (agent, queues they lack
+    the skill for) limits an agent to what is assigned or offered to them and the unassigned
+    conversations of the other queues. Raises QueryError on bad input."""
     if not 1 <= limit <= MAX_LIMIT:
         raise QueryError(f"limit must be from 1 to {MAX_LIMIT}")
     statuses = _statuses(status)
@@ -733,6 +785,17 @@ def list_conversations(
                 return {"items": [], "next": None}
             where.append("c.owner_id=?")
             params.append(owner)
+        if scope is not None:
+            agent, forbidden = scope
+            if forbidden:
+                marks = ",".join("?" * len(forbidden))
+                where.append(
+                    "(c.assignee=? OR c.offered_to=? OR (c.assignee IS NULL AND "
+                    f"(c.queue IS NULL OR c.queue NOT IN ({marks}))))"
+                )
+            else:
+                where.append("(c.assignee=? OR c.offered_to=? OR c.assignee IS NULL)")
+            params.extend([agent, agent, *forbidden])
         if after is not None:
             where.append("(c.updated_at < ? OR (c.updated_at = ? AND c.id < ?))")
             params.extend([after[0], after[0], after[1]])

@@ -17,6 +17,7 @@ from infra.settings import Settings
 from infra.store import EventStore, open_event_store
 from projections.base import Projection
 from projections.db import ReadModelDB, open_read_models
+from projections.directory import DirectoryView
 from projections.inbox_view import InboxView
 from projections.runner import LogSource, ProjectionRunner, apply_batch, read_log
 from projections.timeline import Timeline
@@ -36,6 +37,7 @@ from projections.tracking import (
 PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "inbox": InboxView,
     "timeline": Timeline,
+    "directory": DirectoryView,
 }
 
 # progress(position, head): called after every batch.

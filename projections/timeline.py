@@ -23,7 +23,21 @@ NAME = "timeline"
 ENTRIES = "timeline_entries"
 
 _STATUS_EVENTS = frozenset(
-    {"Opened", "Assigned", "Transferred", "Escalated", "MarkedPending", "Resolved", "Reopened"}
+    {
+        "Opened",
+        "Assigned",
+        "Transferred",
+        "Escalated",
+        "MarkedPending",
+        "Resolved",
+        "Reopened",
+        "Queued",
+        "PriorityChanged",
+        "Offered",
+        "OfferLapsed",
+        "SlaWarned",
+        "SlaBreached",
+    }
 )
 # Fields that have a column of their own (or say nothing an entry needs).
 _COMMON = frozenset(
@@ -70,6 +84,8 @@ def entry_for(event_name: str, state: dict[str, Any]) -> tuple[str, str | None, 
         return "delivery", "out", data
     if event_name == "CsatSubmitted":
         return "csat", "in", data
+    if event_name == "SurveyQueued":
+        return "csat", "out", data
     if event_name in _STATUS_EVENTS:
         data["change"] = event_name
         if event_name == "Opened":
@@ -95,6 +111,13 @@ class Timeline:
             "Conversation.MarkedPending",
             "Conversation.Resolved",
             "Conversation.Reopened",
+            "Conversation.SurveyQueued",
+            "Conversation.Queued",
+            "Conversation.PriorityChanged",
+            "Conversation.Offered",
+            "Conversation.OfferLapsed",
+            "Conversation.SlaWarned",
+            "Conversation.SlaBreached",
         }
     )
 

@@ -224,7 +224,7 @@ def test_inbox_view_and_timeline_follow_the_log(world: World) -> None:
     assert item["status"] == "resolved"
     assert item["assignee"] is None  # the transfer to billing unassigned it
     assert item["queue"] == "billing"
-    assert item["priority"] == "normal"
+    assert item["priority"] == 0
     assert item["last_message"] == {
         "channel": "email",
         "text": "We are on it",

@@ -1,0 +1,248 @@
+"""Agents and queues as the admin manages them, and who a bearer token belongs to.
+
+A token is `AGENT_ID.SECRET`, shown once at registration; the store keeps only its SHA-256
+(a random 192-bit secret needs no slow hash). Authentication loads the agent named in the
+token from the event store, so a token works the moment it is issued and stops the moment
+it is replaced, without waiting for a projection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from eventsourcing.persistence import IntegrityError
+
+from inbox.access import BUILTIN_ADMIN, Principal
+from inbox.domain import ids
+from inbox.domain.agent import PRESENCES, Agent, AgentError, check_profile
+from inbox.domain.errors import DomainError
+from inbox.domain.queue import Queue
+from inbox.domain.sla import SlaPolicy, SlaPolicyError
+from inbox.domain.time import Clock, iso, system_clock
+from inbox.ports import EventStorePort
+
+_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+CHANNELS = frozenset({"email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat"})
+# "messaging" is the capacity shared by the text channels an agent has no own number for
+CAPACITY_KEYS = CHANNELS | {"messaging"}
+_ATTEMPTS = 5
+
+
+class InvalidSpec(ValueError):
+    """A request body that names something impossible (the API answers 422)."""
+
+
+class AlreadyExists(DomainError):
+    pass
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _strings(data: Mapping[str, Any], name: str) -> list[str]:
+    value = data.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise InvalidSpec(f"{name} must be a list of non-empty strings")
+    return sorted({v.strip() for v in value})
+
+
+def _optional_string(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidSpec(f"{name} must be a non-empty string or null")
+    return value.strip()
+
+
+def agent_profile(data: Mapping[str, Any]) -> dict[str, Any]:
+    """name, role, skills, languages, capacity from a request body, checked."""
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidSpec("name is required (a non-empty string)")
+    role = data.get("role", "agent")
+    capacity = data.get("capacity", {})
+    if not isinstance(capacity, dict):
+        raise InvalidSpec("capacity must be an object of channel: slots")
+    unknown = sorted(set(capacity) - CAPACITY_KEYS)
+    if unknown:
+        raise InvalidSpec(f"capacity: unknown channel {unknown[0]!r}")
+    try:
+        check_profile(str(role), capacity)
+    except AgentError as exc:
+        raise InvalidSpec(str(exc)) from None
+    return {
+        "name": name.strip(),
+        "role": role,
+        "skills": _strings(data, "skills"),
+        "languages": [lang.lower() for lang in _strings(data, "languages")],
+        "capacity": {k: int(v) for k, v in sorted(capacity.items())},
+    }
+
+
+def queue_spec(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A queue definition from a request body, checked; `sla` through SlaPolicy."""
+    if not _QUEUE_NAME.match(name):
+        raise InvalidSpec("a queue name is 1-64 of a-z, 0-9, _ and -, starting alphanumeric")
+    channels = _strings(data, "channels")
+    unknown = sorted(set(channels) - CHANNELS)
+    if unknown:
+        raise InvalidSpec(f"channels: unknown channel {unknown[0]!r}")
+    priority = data.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
+        raise InvalidSpec("priority must be a whole number from 0 to 9")
+    sla = data.get("sla")
+    if sla is not None:
+        if not isinstance(sla, dict):
+            raise InvalidSpec("sla must be an object")
+        try:
+            sla = SlaPolicy.from_dict({**sla, "queue": name}, where="sla").to_dict()
+        except SlaPolicyError as exc:
+            raise InvalidSpec(str(exc)) from None
+    language = _optional_string(data, "language")
+    return {
+        "skill": _optional_string(data, "skill"),
+        "channels": channels,
+        "language": None if language is None else language.lower(),
+        "priority": priority,
+        # our addresses that lead here: an email address, a number, a page or account id
+        "entry_points": [e.lower() for e in _strings(data, "entry_points")],
+        "keywords": [k.lower() for k in _strings(data, "keywords")],
+        "sla": sla,
+        "sla_actions": _sla_actions(data.get("sla_actions")),
+    }
+
+
+SLA_ACTIONS = ("alert", "raise_priority", "reassign", "escalate")
+
+
+def _sla_actions(value: Any) -> dict[str, list[str]]:
+    """What a warning and a breach do: {"warning": [...], "breach": [...]}; `escalate` moves
+    the conversation to the queue named by `escalation_queue`, default "escalations"."""
+    if value is None:
+        return {"warning": ["alert"], "breach": ["alert", "raise_priority"]}
+    if not isinstance(value, dict) or set(value) - {"warning", "breach"}:
+        raise InvalidSpec('sla_actions must be {"warning": [...], "breach": [...]}')
+    actions: dict[str, list[str]] = {}
+    for when in ("warning", "breach"):
+        listed = value.get(when, [])
+        if not isinstance(listed, list) or any(a not in SLA_ACTIONS for a in listed):
+            raise InvalidSpec(f"sla_actions.{when} must list some of {', '.join(SLA_ACTIONS)}")
+        actions[when] = list(dict.fromkeys(listed))
+    return actions
+
+
+class Directory:
+    """Registers agents, defines queues, changes presence, and authenticates tokens."""
+
+    def __init__(
+        self,
+        store: EventStorePort,
+        *,
+        admin_token: str,
+        clock: Clock = system_clock,
+        new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+    ) -> None:
+        self.store = store
+        self.admin_token = admin_token
+        self.clock = clock
+        self.new_secret = new_secret
+
+    def _at(self) -> str:
+        return iso(self.clock())
+
+    def agent(self, agent_id: str) -> Agent | None:
+        agent = self.store.get(ids.agent_id(agent_id))
+        return agent if isinstance(agent, Agent) else None
+
+    def register(self, agent_id: str, profile: Mapping[str, Any], *, actor: str) -> str:
+        """Records the agent; returns its token (the only time it exists in clear)."""
+        if not _AGENT_ID.match(agent_id) or agent_id == BUILTIN_ADMIN:
+            raise InvalidSpec(
+                "id must be 1-64 of letters, digits, _ . @ - (and not the built-in admin)"
+            )
+        token = f"{agent_id}.{self.new_secret()}"
+        agent = Agent.register(
+            agent_id=agent_id, token_hash=token_hash(token), actor=actor, at=self._at(), **profile
+        )
+        try:
+            self.store.save(agent)
+        except IntegrityError:
+            raise AlreadyExists(f"agent {agent_id} exists") from None
+        return token
+
+    def _retrying(self, agent_id: str, act: Callable[[Agent], None]) -> Agent:
+        for attempt in range(_ATTEMPTS):
+            agent = self.agent(agent_id)
+            if agent is None:
+                raise LookupError(f"no agent {agent_id}")
+            act(agent)
+            try:
+                self.store.save(agent)
+                return agent
+            except IntegrityError:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def change_profile(self, agent_id: str, profile: Mapping[str, Any], *, actor: str) -> Agent:
+        return self._retrying(
+            agent_id, lambda a: a.change_profile(actor=actor, at=self._at(), **profile)
+        )
+
+    def replace_token(self, agent_id: str, *, actor: str) -> str:
+        token = f"{agent_id}.{self.new_secret()}"
+        self._retrying(
+            agent_id, lambda a: a.replace_token(token_hash(token), actor=actor, at=self._at())
+        )
+        return token
+
+    def set_presence(self, agent_id: str, status: str, *, reason: str, actor: str) -> Agent:
+        if status not in PRESENCES:
+            raise InvalidSpec(f"status must be one of {', '.join(PRESENCES)}")
+        return self._retrying(
+            agent_id,
+            lambda a: a.set_presence(status, reason=reason, actor=actor, at=self._at()),
+        )
+
+    def authenticate(self, token: str) -> Principal | None:
+        if hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            return Principal(BUILTIN_ADMIN, "admin")
+        agent_id, dot, secret = token.rpartition(".")
+        if not dot or not agent_id or not secret:
+            return None
+        agent = self.agent(agent_id)
+        if agent is None or not hmac.compare_digest(agent.token_hash, token_hash(token)):
+            return None
+        return Principal(agent.agent_id, agent.role, frozenset(agent.skills))
+
+    # -- queues ----------------------------------------------------------------------------
+
+    def queue(self, name: str) -> Queue | None:
+        queue = self.store.get(ids.queue_id(name))
+        return queue if isinstance(queue, Queue) else None
+
+    def define_queue(self, name: str, spec: dict[str, Any], *, actor: str) -> bool:
+        """Defines or changes a queue; True when it is new."""
+        for attempt in range(_ATTEMPTS):
+            queue = self.queue(name)
+            if queue is None:
+                queue = Queue(name=name, spec=spec, actor=actor, at=self._at())
+                created = True
+            else:
+                queue.change(spec, actor=actor, at=self._at())
+                created = False
+            try:
+                self.store.save(queue)
+                return created
+            except IntegrityError:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")

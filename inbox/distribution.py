@@ -1,0 +1,607 @@
+"""Automatic distribution and the SLA monitor: one process that follows the event store's log,
+keeps the router's state (inbox.domain.routing) and every open conversation's SLA clocks, and
+records what it decides as events: `Queued` (which queue a conversation enters), `Offered` /
+`Assigned` (the router's choice), `OfferLapsed`, `SlaWarned` / `SlaBreached` and the actions a
+policy names (priority raised, back to the queue, moved to the escalation queue), agents made
+away after missed offers.
+
+Everything it knows comes from the log, so a restarted distributor rebuilds the same state by
+reading it again from the start (decisions wait until it has caught up). Its decisions come
+back through the log too; the router applies them idempotently. A decision that can no longer
+be recorded (the agent claimed the conversation first, it was resolved meanwhile) is dropped
+and the router is put right from the aggregate's current state.
+
+Capacity freed by a resolve, a transfer or a presence change is used at once: the API calls
+`nudge()` after storing a command, and every round decides right after reading the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import IntegrityError
+
+from inbox.agents import Directory
+from inbox.domain.conversation import RESOLVED, ROUTER, Conversation
+from inbox.domain.errors import DomainError
+from inbox.domain.queue import DEFAULT_QUEUE
+from inbox.domain.routing import AgentSpec, Offer, OfferLapsed, QueueSpec, Router
+from inbox.domain.sla import SlaClock, SlaPolicy, earliest_due, running_clocks
+from inbox.domain.time import Clock, iso, parse_iso, system_clock
+from projections.base import Event
+from projections.runner import LogSource, decode, read_log
+
+log = logging.getLogger(__name__)
+
+HANDLES = frozenset(
+    {
+        "Agent.Registered",
+        "Agent.ProfileChanged",
+        "Agent.PresenceChanged",
+        "Queue.Defined",
+        "Queue.Changed",
+        "Customer.VipChanged",
+        "Conversation.Opened",
+        "Conversation.MessageReceived",
+        "Conversation.ActivityRecorded",
+        "Conversation.ReplyQueued",
+        "Conversation.Queued",
+        "Conversation.PriorityChanged",
+        "Conversation.Offered",
+        "Conversation.OfferLapsed",
+        "Conversation.Assigned",
+        "Conversation.Transferred",
+        "Conversation.Resolved",
+        "Conversation.Reopened",
+        "Conversation.SlaWarned",
+        "Conversation.SlaBreached",
+    }
+)
+MAX_PRIORITY = 9
+VIP_PRIORITY = 2
+# Calls wait for routing from `call.queued` (the IVR chose a queue), not from `call.started`.
+_WAITING_ACTIVITIES = frozenset({"call.queued", "chat.started"})
+_ENDED_ACTIVITIES = frozenset({"call.abandoned", "call.ended"})
+
+
+def _seconds(at: str) -> float:
+    return parse_iso(at).timestamp()
+
+
+def _iso(seconds: float) -> str:
+    return iso(datetime.fromtimestamp(seconds, UTC))
+
+
+@dataclass
+class ConversationState:
+    customer: str
+    channel: str
+    queue: str | None = None
+    priority: int = 0
+    status: str = "open"
+    assignee: str | None = None
+    offered_to: str | None = None
+    waiting_since: str | None = None
+    cycle_started_at: str = ""
+    first_response_at: str | None = None
+    # SLA (kind, due_at) already recorded as warned / breached in this cycle
+    warned: set[tuple[str, str]] = field(default_factory=set)
+    breached: set[tuple[str, str]] = field(default_factory=set)
+    sla_stamp: int = 0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    name: str
+    spec: dict[str, Any]
+    policy: SlaPolicy | None
+
+
+@dataclass
+class RoundStats:
+    read: int = 0
+    recorded: int = 0
+    dropped: int = 0
+
+
+class Distributor:
+    def __init__(
+        self,
+        store: Any,
+        directory: Directory,
+        *,
+        router: Router | None = None,
+        clock: Clock = system_clock,
+        batch_size: int = 2000,
+    ) -> None:
+        self.store = store
+        self.log: LogSource = store
+        self.directory = directory
+        self.router = router or Router()
+        self.clock = clock
+        self.batch_size = batch_size
+        self.position = 0
+        self.caught_up = False
+        self.convs: dict[str, ConversationState] = {}
+        self.queues: dict[str, QueueConfig] = {}
+        self.vips: set[str] = set()
+        self.agent_ids: dict[str, str] = {}  # aggregate id -> agent id
+        self.queue_names: dict[str, str] = {}  # aggregate id -> queue name
+        self._wanted_queue: dict[str, tuple[str, str]] = {}
+        self._implicit: set[str] = set()
+        # offers the router withdrew when their agent left: recorded as lapsed
+        self._withdrawn: list[tuple[str, str]] = []
+        self.stats = RoundStats()
+        # (when, conversation, stamp, kind, due_at, breach): the SLA timers
+        self._timers: list[tuple[float, str, int, str, str, bool]] = []
+        self._to_queue: set[str] = set()  # conversations waiting with no queue yet
+        self._wake = asyncio.Event()
+
+    # -- reading the log -------------------------------------------------------------------
+
+    def catch_up(self) -> int:
+        """Applies everything stored since the last call; returns how many were read."""
+        total = 0
+        while True:
+            records = read_log(self.log, self.position, self.batch_size)
+            if not records:
+                self.caught_up = True
+                return total
+            for event in decode(records, HANDLES):
+                self.apply(event)
+            self.position = records[-1][0]
+            total += len(records)
+            self.stats.read += len(records)
+
+    def apply(self, e: Event) -> None:
+        name, s = e.name, e.state
+        if name.startswith("Agent."):
+            self._agent_event(name, e.originator_id, s)
+        elif name.startswith("Queue."):
+            self._queue_event(e.originator_id, s)
+        elif name == "Customer.VipChanged":
+            (self.vips.add if s["vip"] else self.vips.discard)(e.originator_id)
+        else:
+            self._conversation_event(name, e.originator_id, s)
+
+    def _agent_event(self, name: str, oid: str, s: dict[str, Any]) -> None:
+        if name == "Agent.Registered":
+            self.agent_ids[oid] = s["agent_id"]
+        agent = self.agent_ids.get(oid)
+        if agent is None:
+            return
+        if name == "Agent.PresenceChanged":
+            self.router.set_presence(agent, s["status"], _seconds(s["at"]))
+            if s["status"] != "available":
+                # the router withdrew this agent's offers: the aggregates say so too
+                for cid, c in self.convs.items():
+                    if c.offered_to == agent:
+                        self._withdrawn.append((cid, agent))
+            return
+        self.router.set_agent(
+            AgentSpec(
+                id=agent,
+                skills=frozenset(s["skills"]),
+                languages=frozenset(s["languages"]),
+                capacity=dict(s["capacity"]),
+            )
+        )
+
+    def _queue_event(self, oid: str, s: dict[str, Any]) -> None:
+        if "name" in s:
+            self.queue_names[oid] = s["name"]
+        name = self.queue_names.get(oid)
+        if name is None:
+            return
+        spec = s["spec"]
+        sla = spec.get("sla")
+        policy = None
+        if sla:
+            try:
+                policy = SlaPolicy.from_dict({**sla, "queue": name})
+            except ValueError as exc:  # checked when defined; a stored bad one is skipped
+                log.warning("queue %s: SLA policy ignored: %s", name, exc)
+        self.queues[name] = QueueConfig(name, spec, policy)
+        self.router.set_queue(
+            QueueSpec(
+                name=name,
+                skill=spec.get("skill"),
+                channels=frozenset(spec.get("channels") or ()),
+                language=spec.get("language"),
+            )
+        )
+
+    def _conversation_event(self, name: str, cid: str, s: dict[str, Any]) -> None:
+        at = s.get("at", "")
+        if name == "Conversation.Opened":
+            self.convs[cid] = ConversationState(
+                customer=s["customer_id"],
+                channel=s["channel"],
+                queue=s.get("queue"),
+                cycle_started_at=at,
+            )
+            return
+        c = self.convs.get(cid)
+        if c is None:
+            return
+        short = name.partition(".")[2]
+        if short == "MessageReceived":
+            if not s["automatic"]:
+                c.channel = s["channel"]
+                self._customer_waits(cid, c, at, s.get("via"), s.get("text") or "")
+        elif short == "ActivityRecorded":
+            activity = s["activity"]
+            if activity in _WAITING_ACTIVITIES:
+                c.channel = s["channel"]
+                queue = (s.get("data") or {}).get("queue") if activity == "call.queued" else None
+                self._customer_waits(cid, c, at, None, "", queue=queue)
+            elif activity == "call.answered":
+                c.waiting_since = None
+            elif activity in _ENDED_ACTIVITIES and c.assignee is None:
+                c.waiting_since = None
+                self.router.withdraw(cid)
+        elif short == "ReplyQueued":
+            c.waiting_since = None
+            if c.first_response_at is None:
+                c.first_response_at = at
+        elif short in ("Queued", "Transferred"):
+            if short == "Transferred" and c.assignee is not None:
+                self.router.released(cid, _seconds(at))
+                c.assignee = None
+            c.offered_to = None
+            c.queue = s["queue"]
+            if short == "Queued":
+                c.priority = s["priority"]
+            self._to_queue.discard(cid)
+            self._enqueue(cid, c)
+        elif short == "PriorityChanged":
+            c.priority = s["priority"]
+            self._enqueue(cid, c)
+        elif short == "Offered":
+            c.offered_to = s["agent"]
+            expires = s.get("expires_at")
+            self.router.offered(
+                Offer(cid, s["agent"], None if expires is None else _seconds(expires), s["reason"]),
+                _seconds(at),
+            )
+        elif short == "OfferLapsed":
+            c.offered_to = None
+            self.router.lapsed(cid, s["agent"], _seconds(at))
+        elif short == "Assigned":
+            if c.assignee is not None:
+                self.router.released(cid, _seconds(at))
+            c.assignee, c.offered_to = s["agent"], None
+            if c.assignee is not None:
+                self.router.assigned(cid, c.assignee, _seconds(at), channel=c.channel)
+            else:
+                self._enqueue(cid, c)
+        elif short == "Resolved":
+            c.status = RESOLVED
+            c.waiting_since = c.offered_to = None
+            if c.assignee is not None:
+                self.router.released(cid, _seconds(at))
+            else:
+                self.router.withdraw(cid)
+            self._to_queue.discard(cid)
+        elif short == "Reopened":
+            c.status = "open"
+            c.cycle_started_at, c.first_response_at = at, None
+            c.warned.clear()
+            c.breached.clear()
+            if c.assignee is not None:  # the agent who had it keeps the customer
+                self.router.assigned(cid, c.assignee, _seconds(at), channel=c.channel)
+        elif short == "SlaWarned":
+            c.warned.add((s["kind"], s["due_at"]))
+        elif short == "SlaBreached":
+            c.breached.add((s["kind"], s["due_at"]))
+        self._schedule_sla(cid, c)
+
+    def _customer_waits(
+        self,
+        cid: str,
+        c: ConversationState,
+        at: str,
+        via: str | None,
+        text: str,
+        *,
+        queue: str | None = None,
+    ) -> None:
+        if c.status == RESOLVED:
+            c.status = "open"  # the Reopened event came first; kept in step anyway
+        if c.waiting_since is None:
+            c.waiting_since = at
+        if queue is not None and queue != c.queue:
+            self._to_queue.add(cid)
+            self._wanted_queue[cid] = (queue, "IVR choice")
+        elif c.queue is None:
+            self._to_queue.add(cid)
+            self._wanted_queue[cid] = self._route_to(via, text, c.channel)
+        else:
+            self._enqueue(cid, c)
+
+    def _route_to(self, via: str | None, text: str, channel: str) -> tuple[str, str]:
+        """The queue a new conversation enters: the queue whose entry point it was sent to,
+        then a keyword rule, then the default queue."""
+        if via:
+            wanted = via.lower()
+            for q in sorted(self.queues.values(), key=lambda q: q.name):
+                if wanted in q.spec.get("entry_points", ()):
+                    return q.name, f"sent to {via}"
+        lowered = text.lower()
+        for q in sorted(self.queues.values(), key=lambda q: q.name):
+            channels = q.spec.get("channels") or ()
+            if channels and channel not in channels:
+                continue
+            for keyword in q.spec.get("keywords", ()):
+                if keyword in lowered:
+                    return q.name, f"keyword {keyword!r}"
+        return DEFAULT_QUEUE, "default"
+
+    def _enqueue(self, cid: str, c: ConversationState) -> None:
+        if c.status == RESOLVED or c.assignee is not None or c.queue is None:
+            return
+        if c.waiting_since is None and c.offered_to is None:
+            return  # nobody waits: an agent answered, or the customer has not written yet
+        since = c.waiting_since or c.cycle_started_at
+        if c.queue not in self.queues and c.queue not in self._implicit:
+            # a queue nobody defined (the default, an IVR or escalation queue): any agent
+            self.router.set_queue(QueueSpec(name=c.queue))
+            self._implicit.add(c.queue)
+        self.router.enqueue(
+            cid,
+            queue=c.queue,
+            channel=c.channel,
+            priority=c.priority,
+            since=_seconds(since),
+            customer=c.customer,
+            language=None,
+        )
+
+    # -- SLA clocks ------------------------------------------------------------------------
+
+    def _schedule_sla(self, cid: str, c: ConversationState) -> None:
+        c.sla_stamp += 1
+        due = self.sla_due(c)
+        if due is None:
+            return
+        kind, due_at = due.kind, iso(due.due_at)
+        if (kind, due_at) not in c.warned and (kind, due_at) not in c.breached:
+            heapq.heappush(
+                self._timers, (due.warn_at.timestamp(), cid, c.sla_stamp, kind, due_at, False)
+            )
+        if (kind, due_at) not in c.breached:
+            heapq.heappush(
+                self._timers, (due.due_at.timestamp(), cid, c.sla_stamp, kind, due_at, True)
+            )
+
+    def sla_due(self, c: ConversationState) -> SlaClock | None:
+        if c.status == RESOLVED or c.queue is None:
+            return None
+        config = self.queues.get(c.queue)
+        if config is None or config.policy is None:
+            return None
+        clocks = running_clocks(
+            config.policy,
+            c.priority,
+            opened_at=parse_iso(c.cycle_started_at),
+            first_response_at=None
+            if c.first_response_at is None
+            else parse_iso(c.first_response_at),
+            waiting_since=None if c.waiting_since is None else parse_iso(c.waiting_since),
+            resolved=False,
+        )
+        return earliest_due(clocks)
+
+    def _sla_round(self, now: float) -> int:
+        recorded = 0
+        while self._timers and self._timers[0][0] <= now:
+            _, cid, stamp, kind, due_at, breach = heapq.heappop(self._timers)
+            c = self.convs.get(cid)
+            if c is None or c.sla_stamp != stamp:
+                continue  # the conversation moved on: its clocks were scheduled again
+            seen = c.breached if breach else c.warned
+            if (kind, due_at) in seen:
+                continue
+            seen.add((kind, due_at))
+            recorded += self._sla_event(cid, c, kind, due_at, breach=breach)
+        return recorded
+
+    def _sla_event(
+        self, cid: str, c: ConversationState, kind: str, due: str, *, breach: bool
+    ) -> int:
+        config = self.queues.get(c.queue or "")
+        actions_of = (config.spec.get("sla_actions") if config else None) or {}
+        actions = actions_of.get("breach" if breach else "warning", [])
+        escalation_queue = (
+            config.spec.get("escalation_queue") if config else None
+        ) or "escalations"
+
+        def act(conversation: Conversation, at: str) -> None:
+            conversation.record_sla(kind, due, breached=breach, actor=ROUTER, at=at)
+            if "raise_priority" in actions and conversation.priority < MAX_PRIORITY:
+                conversation.change_priority(
+                    conversation.priority + 1,
+                    reason=f"SLA {kind} {'breached' if breach else 'nearing'}",
+                    actor=ROUTER,
+                    at=at,
+                )
+            if "reassign" in actions and conversation.assignee is not None:
+                conversation.assign(None, actor=ROUTER, at=at)
+            if "escalate" in actions and conversation.queue != escalation_queue:
+                conversation.transfer(escalation_queue, actor=ROUTER, at=at)
+
+        return self._record(cid, act)
+
+    # -- deciding and recording ------------------------------------------------------------
+
+    def _record(self, cid: str, act: Callable[[Conversation, str], None]) -> int:
+        """Decides on the current aggregate and saves; 0 when the state no longer allows it."""
+        for _ in range(3):
+            conversation = self.store.get(UUID(cid))
+            if not isinstance(conversation, Conversation):
+                return 0
+            try:
+                act(conversation, iso(self.clock()))
+                self.store.save(conversation)
+            except IntegrityError:
+                continue  # changed meanwhile: decide again on fresh state
+            except DomainError as exc:
+                log.info("distribution: %s: %s", cid, exc)
+                self.stats.dropped += 1
+                return 0
+            self.stats.recorded += 1
+            return 1
+        return 0
+
+    def _queue_new(self) -> int:
+        recorded = 0
+        for cid in sorted(self._to_queue):
+            c = self.convs.get(cid)
+            wanted = self._wanted_queue.pop(cid, None)
+            if c is None or wanted is None or c.status == RESOLVED:
+                continue
+            queue, reason = wanted
+            priority = self._priority_for(queue, c)
+
+            def act(
+                conversation: Conversation,
+                at: str,
+                q: str = queue,
+                r: str = reason,
+                p: int = priority,
+            ) -> None:
+                conversation.enter_queue(
+                    q, max(p, conversation.priority), reason=r, actor=ROUTER, at=at
+                )
+
+            recorded += self._record(cid, act)
+        self._to_queue.clear()
+        return recorded
+
+    def _priority_for(self, queue: str, c: ConversationState) -> int:
+        config = self.queues.get(queue)
+        base = int(config.spec.get("priority", 0)) if config else 0
+        return max(base, VIP_PRIORITY) if c.customer in self.vips else base
+
+    def _offer(self, offer: Offer) -> int:
+        def act(conversation: Conversation, at: str) -> None:
+            if offer.expires_at is None:
+                conversation.assign(offer.agent, actor=ROUTER, at=at, claim=True)
+            else:
+                conversation.offer(
+                    offer.agent, expires_at=_iso(offer.expires_at), reason=offer.reason, at=at
+                )
+
+        done = self._record(offer.item, act)
+        if not done:
+            self._resync(offer.item)
+        return done
+
+    def _lapse(self, lapsed: OfferLapsed) -> int:
+        done = self._record(
+            lapsed.item,
+            lambda c, at: c.lapse_offer(
+                lapsed.agent, reason="not accepted in time", actor=ROUTER, at=at
+            ),
+        )
+        if lapsed.make_away:
+            try:
+                self.directory.set_presence(
+                    lapsed.agent, "away", reason=f"missed {lapsed.misses} offers", actor=ROUTER
+                )
+                done += 1
+            except (LookupError, DomainError, IntegrityError) as exc:
+                log.warning("distribution: could not make %s away: %s", lapsed.agent, exc)
+        return done
+
+    def _withdraw(self, cid: str, agent: str) -> int:
+        c = self.convs.get(cid)
+        if c is None or c.offered_to != agent:
+            return 0  # lapsed or taken since
+
+        def act(conversation: Conversation, at: str) -> None:
+            conversation.lapse_offer(agent, reason="agent left", actor=ROUTER, at=at)
+
+        return self._record(cid, act)
+
+    def _resync(self, cid: str) -> None:
+        """A decision that could not be recorded: the router forgets it and takes the item
+        back as the store has it (the log will tell the rest)."""
+        self.router.withdraw(cid)
+        c = self.convs.get(cid)
+        if c is not None:
+            self._enqueue(cid, c)
+
+    def step(self) -> int:
+        """One round: read the log, then decide (once caught up). Returns events recorded."""
+        self.catch_up()
+        now = self.clock().timestamp()
+        recorded = self._queue_new()
+        withdrawn, self._withdrawn = self._withdrawn, []
+        for cid, agent in withdrawn:
+            recorded += self._withdraw(cid, agent)
+        if recorded:
+            self.catch_up()  # the router learns the new queue entries before deciding
+        for lapsed in self.router.expire(now):
+            recorded += self._lapse(lapsed)
+        for offer in self.router.decide(now):
+            recorded += self._offer(offer)
+        recorded += self._sla_round(now)
+        return recorded
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            d
+            for d in (self.router.next_deadline(), self._timers[0][0] if self._timers else None)
+            if d is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    # -- running ---------------------------------------------------------------------------
+
+    def nudge(self) -> None:
+        """Something was just stored: look at once (safe from any thread via the loop)."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(
+        self,
+        stop: asyncio.Event,
+        *,
+        poll_interval: float = 0.05,
+        stored: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                recorded = await asyncio.to_thread(self.step)
+            except Exception:  # a lost database connection: log, wait, carry on
+                log.exception("distribution round failed")
+                recorded = 0
+            if recorded:
+                stored()
+                continue  # what we recorded comes back through the log: read it now
+            timeout = poll_interval
+            deadline = self.next_deadline()
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - self.clock().timestamp()))
+            waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+            _, pending = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+
+
+__all__ = ["Distributor"]

@@ -1,0 +1,274 @@
+"""Automatic distribution and SLA monitoring against the real event store (SQLite and
+PostgreSQL): contact events go in through the real ingest path, agents and queues through the
+Directory, agents act through Commands; the Distributor follows the log and records its
+decisions. The clock is injected, so offer timeouts and SLA deadlines are exact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import pytest
+from eventsourcing.persistence import Tracking
+
+from inbox.agents import Directory, agent_profile, queue_spec
+from inbox.commands import Commands
+from inbox.contact import ContactEvent, CustomerRef, validate
+from inbox.distribution import Distributor
+from inbox.domain import ids
+from inbox.domain.conversation import Conversation
+from inbox.domain.errors import ConversationStateError
+from inbox.ingest import Ingestor
+from infra.store import ContactEventRow, EventStore, open_event_store
+from tests.conftest import SettingsFactory
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # a Monday
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class Center:
+    store: EventStore
+    clock: FakeClock
+    directory: Directory
+    commands: Commands
+    ingestor: Ingestor
+    offset: int = 0
+
+    def distributor(self, **router: Any) -> Distributor:
+        from inbox.domain.routing import Router
+
+        return Distributor(
+            self.store, self.directory, router=Router(**router) if router else None, clock=self.clock
+        )
+
+    def agent(self, agent_id: str, **profile: Any) -> None:
+        body = {"name": agent_id.title(), "role": "agent", **profile}
+        self.directory.register(agent_id, agent_profile(body), actor="admin")
+        self.directory.set_presence(agent_id, "available", reason="test", actor=agent_id)
+
+    def queue(self, name: str, **spec: Any) -> None:
+        self.directory.define_queue(name, queue_spec(name, spec), actor="admin")
+
+    def contact(
+        self,
+        event_id: str,
+        *,
+        channel: str = "email",
+        email: str | None = None,
+        visitor: str | None = None,
+        text: str = "hello",
+        via: str | None = None,
+        type: str = "message.received",
+        payload: dict[str, Any] | None = None,
+    ) -> Conversation:
+        raw = ContactEvent(
+            event_id=event_id,
+            occurred_at=self.clock.now,
+            channel=channel,  # type: ignore[arg-type]
+            type=type,  # type: ignore[arg-type]
+            customer=CustomerRef(email=email, visitor=visitor),
+            payload=payload if payload is not None else {"text": text, "via": via},
+        )
+        event = validate(raw, now=self.clock.now + timedelta(days=1))
+        row = ContactEventRow(event.event_id, "contact-events", 0, self.offset)
+        self.offset += 1
+        self.ingestor.apply_batch([(event, row)], Tracking("contact-events:0", self.offset))
+        key = f"email:{email}" if email else f"visitor:{visitor}"
+        claim = self.store.get(ids.claim_id(key))
+        customer = self.store.get(UUID(claim.customer_id))
+        return self.conversation(UUID(customer.current_conversation_id))
+
+    def conversation(self, conversation_id: UUID) -> Conversation:
+        conversation = self.store.get(conversation_id)
+        assert isinstance(conversation, Conversation)
+        return conversation
+
+    def events_of(self, conversation_id: UUID) -> list[str]:
+        return [type(e).__name__ for e in self.store.events_of(conversation_id)]
+
+
+@pytest.fixture
+def center(database_url: str, settings: SettingsFactory) -> Iterator[Center]:
+    store = open_event_store(settings(database_url, bootstrap=None))
+    clock = FakeClock()
+    try:
+        yield Center(
+            store,
+            clock,
+            Directory(store, admin_token="admin-token", clock=clock),
+            Commands(store, clock=clock),
+            Ingestor(store),
+        )
+    finally:
+        store.close()
+
+
+def test_an_email_goes_to_the_free_agent_and_freed_capacity_is_used_at_once(
+    center: Center,
+) -> None:
+    center.agent("ann", capacity={"email": 1})
+    first = center.contact("m1", email="a@example.com")
+    center.clock.advance(1)
+    second = center.contact("m2", email="b@example.com")
+    distributor = center.distributor()
+
+    distributor.step()
+
+    assert center.conversation(first.id).assignee == "ann"  # oldest first
+    assert center.conversation(second.id).assignee is None  # capacity 1 is never exceeded
+    assert center.conversation(first.id).queue == "default"
+
+    center.commands.resolve(first.id, actor="ann")
+    distributor.step()  # the very next round, no sweep interval
+
+    assert center.conversation(second.id).assignee == "ann"
+
+
+def test_entry_points_and_keywords_choose_the_queue(center: Center) -> None:
+    center.queue("billing", skill="billing", entry_points=["billing@example.com"])
+    center.queue("returns", keywords=["refund"])
+    center.agent("bob", skills=["billing"], capacity={"email": 5})
+    center.agent("cy", capacity={"email": 5})
+    billing = center.contact("m1", email="a@example.com", via="billing@example.com")
+    returns = center.contact("m2", email="b@example.com", text="I want a REFUND please")
+    other = center.contact("m3", email="c@example.com", text="hi")
+
+    center.distributor().step()
+
+    assert center.conversation(billing.id).queue == "billing"
+    assert center.conversation(billing.id).assignee == "bob"  # the only one with the skill
+    assert center.conversation(returns.id).queue == "returns"
+    assert center.conversation(other.id).queue == "default"
+
+
+def test_a_chat_offer_not_accepted_goes_to_the_next_agent_and_misses_make_away(
+    center: Center,
+) -> None:
+    center.agent("ann", capacity={"chat": 1})
+    center.agent("bob", capacity={"chat": 1})
+    distributor = center.distributor(offer_timeouts={"chat": 30.0}, max_misses=1)
+    chat = center.contact("c1", channel="chat", visitor="v1", text="help")
+
+    distributor.step()
+    first = center.conversation(chat.id).offered_to
+    assert first in ("ann", "bob")
+
+    center.clock.advance(31)
+    distributor.step()
+    distributor.step()  # reads its own lapse back, then offers again
+
+    conversation = center.conversation(chat.id)
+    second = "bob" if first == "ann" else "ann"
+    assert conversation.offered_to == second
+    assert conversation.assignee is None
+    missed = center.directory.agent(first)
+    assert missed is not None and missed.presence == "away"
+
+    center.commands.accept_offer(chat.id, second)
+    assert center.conversation(chat.id).assignee == second
+    assert "OfferLapsed" in center.events_of(chat.id)
+
+
+def test_two_agents_claiming_one_conversation_one_wins(center: Center) -> None:
+    chat = center.contact("c1", channel="chat", visitor="v1")
+    center.commands.assign(chat.id, "ann", actor="ann", claim=True)
+    with pytest.raises(ConversationStateError, match="already assigned to ann"):
+        center.commands.assign(chat.id, "bob", actor="bob", claim=True)
+    assert center.conversation(chat.id).assignee == "ann"
+
+
+def test_an_agent_going_away_loses_the_offer_to_the_next(center: Center) -> None:
+    center.agent("ann", capacity={"chat": 1})
+    distributor = center.distributor()
+    chat = center.contact("c1", channel="chat", visitor="v1")
+    distributor.step()
+    assert center.conversation(chat.id).offered_to == "ann"
+
+    center.directory.set_presence("ann", "away", reason="lunch", actor="ann")
+    center.agent("bob", capacity={"chat": 1})
+    distributor.step()
+    distributor.step()
+
+    conversation = center.conversation(chat.id)
+    assert conversation.offered_to == "bob"
+    assert center.events_of(chat.id).count("OfferLapsed") == 1
+
+
+def test_sla_warning_then_breach_with_the_policy_actions(center: Center) -> None:
+    center.queue(
+        "vip",
+        entry_points=["vip@example.com"],
+        sla={"timezone": "UTC", "targets": {"0": {"first_response": "10m"}}},
+        sla_actions={"warning": ["alert"], "breach": ["alert", "raise_priority", "escalate"]},
+    )
+    conversation = center.contact("m1", email="a@example.com", via="vip@example.com")
+    distributor = center.distributor()
+    distributor.step()
+    assert center.conversation(conversation.id).queue == "vip"
+
+    center.clock.advance(8 * 60 + 1)  # 80 % of 10 minutes
+    distributor.step()
+    assert center.events_of(conversation.id)[-1] == "SlaWarned"
+
+    center.clock.advance(2 * 60)
+    distributor.step()
+    after = center.conversation(conversation.id)
+    assert center.events_of(conversation.id)[-3:] == [
+        "SlaBreached",
+        "PriorityChanged",
+        "Transferred",
+    ]
+    assert after.priority == 1
+    assert after.queue == "escalations"
+
+    distributor.step()
+    center.clock.advance(3600)
+    distributor.step()
+    assert center.events_of(conversation.id).count("SlaBreached") == 1  # recorded once
+
+
+def test_an_agent_reply_stops_the_first_response_clock(center: Center) -> None:
+    center.queue(
+        "support",
+        entry_points=["help@example.com"],
+        sla={"timezone": "UTC", "targets": {"0": {"first_response": "10m"}}},
+    )
+    conversation = center.contact("m1", email="a@example.com", via="help@example.com")
+    distributor = center.distributor()
+    distributor.step()
+    center.commands.reply(conversation.id, "on it", channel=None, actor="ann")
+    center.clock.advance(3600)
+    distributor.step()
+    assert "SlaBreached" not in center.events_of(conversation.id)
+    assert "SlaWarned" not in center.events_of(conversation.id)
+
+
+def test_a_restarted_distributor_neither_forgets_nor_doubles(center: Center) -> None:
+    center.agent("ann", capacity={"chat": 2})
+    first = center.contact("c1", channel="chat", visitor="v1")
+    center.distributor().step()
+    assert center.conversation(first.id).offered_to == "ann"
+    before = center.store.max_notification_id()
+
+    again = center.distributor()
+    again.step()
+    again.step()
+
+    assert center.store.max_notification_id() == before  # nothing decided twice
+    second = center.contact("c2", channel="chat", visitor="v2")
+    again.step()
+    assert center.conversation(second.id).offered_to == "ann"  # its capacity is 2
