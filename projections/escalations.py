@@ -179,6 +179,8 @@ class _Batch:
         self.tx = tx
         self.items_table, self.conv_table, self.cust_table, self.contact_table = tables
         self.convs: dict[str, _Conv] = {}
+        # customer -> its conversations held here (a VIP change visits them)
+        self.owned: dict[str, set[str]] = {}
         self.vips: dict[str, bool] = {}
         self.windows: dict[str, list[Contact]] = {}
         self.dirty_convs: set[str] = set()
@@ -239,8 +241,11 @@ class _Batch:
                 sql, chunk
             ).fetchall():
                 if conv_id not in self.convs:
-                    self.convs[conv_id] = _Conv(
-                        owner, bool(resolved), queue, assignee, int(priority), bool(followed)
+                    self._hold(
+                        conv_id,
+                        _Conv(
+                            owner, bool(resolved), queue, assignee, int(priority), bool(followed)
+                        ),
                     )
                     loaded.append(conv_id)
         for chunk in _chunks(loaded):
@@ -266,6 +271,10 @@ class _Batch:
                 self._window(cust_id).append(Contact(parse_iso(at), int(nid), conv_id, at))
         for window in self.windows.values():
             window.sort()
+
+    def _hold(self, conv_id: str, conv: _Conv) -> None:
+        self.convs[conv_id] = conv
+        self.owned.setdefault(conv.owner, set()).add(conv_id)
 
     def _window(self, customer_id: str) -> list[Contact]:
         window = self.windows.get(customer_id)
@@ -303,7 +312,7 @@ class _Batch:
         conv = _Conv(owner=s["customer_id"], routing_queue=s.get("queue"))
         if self.vips.get(conv.owner, False):
             conv.enter(VIP, VIP_REASON, s["at"])
-        self.convs[e.originator_id] = conv
+        self._hold(e.originator_id, conv)
         self.dirty_convs.add(e.originator_id)
 
     def contact(self, e: Event) -> None:
@@ -397,9 +406,8 @@ class _Batch:
         customer = e.originator_id
         self.vips[customer] = bool(e.state["vip"])
         self.dirty_custs.add(customer)
-        for conv_id, conv in self.convs.items():
-            if conv.owner == customer:
-                self._place_vip(conv_id, conv, e.state["at"])
+        for conv_id in sorted(self.owned.get(customer, ())):
+            self._place_vip(conv_id, self.convs[conv_id], e.state["at"])
 
     def _move(self, conversation_ids: Iterable[str], source: str, target: str, at: str) -> None:
         """Conversations (and their recent contacts) now show under `target`."""
@@ -408,7 +416,9 @@ class _Batch:
             conv = self.convs.get(conv_id)
             if conv is None:
                 continue
+            self.owned[conv.owner].discard(conv_id)
             conv.owner = target
+            self.owned.setdefault(target, set()).add(conv_id)
             self.dirty_convs.add(conv_id)
             self._place_vip(conv_id, conv, at)
         window = self._window(source)
