@@ -277,6 +277,16 @@ def test_new_york_weekday_hours_over_the_spring_weekend() -> None:
     assert hours.add(at("2026-03-06T16:00-05:00"), 2 * HOUR) == at("2026-03-09T10:00-04:00")
 
 
+def test_a_fall_back_across_midnight_keeps_the_next_days_period_whole() -> None:
+    # given Goose Bay on 30 October 1988: at Sunday 00:01 (-02:00) the clocks went back two
+    # hours to Saturday 22:01 (-04:00); Sundays are open 00:00-06:00
+    hours = calendar("America/Goose_Bay", sun=["00:00-06:00"])
+    # then Sunday opens at its first midnight and the repeated Saturday evening is inside it
+    assert hours.next_open(at("1988-10-29T12:00Z")) == at("1988-10-30T00:00-02:00")
+    assert hours.is_open(at("1988-10-30T03:00Z"))  # Saturday 23:00 on the wall, the 2nd time
+    assert hours.seconds_between(at("1988-10-29T12:00Z"), at("1988-10-31T12:00Z")) == 8 * HOUR
+
+
 # --------------------------------------------------------------------------- the dict form
 
 
@@ -516,3 +526,23 @@ def test_the_dict_form_round_trips(hours: BusinessHours) -> None:
     data = hours.to_dict()
     assert set(data) <= {"timezone", "holidays", *DAY_KEYS}
     assert BusinessHours.from_dict(data) == hours
+
+
+@FUZZ
+@given(st.sampled_from(ZONES), instants, st.integers(0, YEAR_US))
+def test_a_calendar_open_around_the_clock_counts_real_time_in_any_zone(
+    tz: str, start: datetime, span_us: int
+) -> None:
+    hours = BusinessHours(tz, {day: ((time(0), time(0)),) for day in range(7)})
+    end = start + timedelta(microseconds=span_us)
+    assert hours.add(start, span_us / 1e6) == end
+    assert hours.seconds_between(start, end) == span_us / 1e6
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(calendars(), instants)
+def test_a_long_span_is_the_sum_of_its_days(hours: BusinessHours, start: datetime) -> None:
+    # Spans of a day never skip whole weeks; a year-long one does, over DST changes too.
+    days = [start + timedelta(days=n) for n in range(367)]
+    by_day = sum(hours.seconds_between(a, b) for a, b in pairwise(days))
+    assert math.isclose(hours.seconds_between(days[0], days[-1]), by_day)
