@@ -287,7 +287,7 @@ class Surveys:
             return _try_again(request)
         if _wants_json(request):
             return JSONResponse({"event_id": event.event_id, "score": score}, headers=_HEADERS)
-        return _page(200, "Thank you", "<p>Thank you, your answer is recorded.</p>")
+        return _page(200, "Thank you", "<p>Thank you for your answer.</p>")
 
 
 # --------------------------------------------------------------------------- request bodies
