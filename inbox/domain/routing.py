@@ -14,6 +14,14 @@ item arrived or came back, an agent freed capacity or changed presence, a sticky
 A bucket that is not dirty has nothing to offer, so deciding over the dirty ones equals
 deciding over all of them.
 
+Own decisions come back: `decide` applies its offers at once and remembers them until the log
+returns them (`offered`), which then changes nothing, even if the offer lapsed or was withdrawn
+meanwhile. An offer read from the log that the router did not make here (replay, another
+instance) applies only if it still could be made (item waiting, agent available, eligible,
+with free capacity), so an offer overtaken in the log by a presence change, a capacity cut or
+a transfer resolves the same way live and on replay. `lapsed` only lapses an offer that had
+expired by its `at`, never a newer offer of the same item.
+
 Rules (the issue's, plus the choices this module made):
 - Items in order: highest priority, then oldest `since`, then item id; across the buckets an
   agent serves, the best item goes first.
