@@ -31,6 +31,7 @@ from inbox.identity import InvalidIdentity, parse_key
 from infra.store import EventStore
 from projections import directory, inbox_view, timeline, tracking
 from projections.db import ReadModelDB
+from projections.escalations import escalation_queues
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
@@ -493,6 +494,12 @@ async def put_queue(request: Request) -> Response:
     return JSONResponse({"name": name, **spec}, status_code=201 if created else 200)
 
 
+async def escalations(request: Request) -> Response:
+    await _authenticate(request, "escalations.read")
+    queues = await _off_loop(escalation_queues, _context(request).read_models)
+    return JSONResponse({"queues": queues})
+
+
 async def healthz(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -525,6 +532,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/v1/customers/{id}/merge", merge_customers, methods=["POST"]),
         Route("/api/v1/customers/{id}/unmerge", unmerge_customer, methods=["POST"]),
         Route("/api/v1/customers/{id}/vip", set_vip, methods=["POST"]),
+        Route("/api/v1/escalations", escalations),
     ]
 
 

@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="HTTP API, webhooks, web chat, projections, reply delivery")
     sub.add_parser("worker", help="the ingest worker (run several in one consumer group)")
     sub.add_parser("smtp", help="the SMTP server of the email channel")
+    sub.add_parser("route", help="routing and SLA monitoring (run exactly one)")
     replay = sub.add_parser("replay", help="rebuild a projection from the event store")
     replay.add_argument("name")
     replay.add_argument("--from-start", action="store_true", help="a fresh rebuild from event 1")
@@ -89,21 +90,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from infra import composition
 
-    if args.command != "dev" and settings.kafka_bootstrap is None:
+    if args.command not in ("dev", "route") and settings.kafka_bootstrap is None:
         print(
             f"inbox {args.command}: set INBOX_KAFKA_BOOTSTRAP (or run inbox dev)", file=sys.stderr
         )
         return 2
-    http, worker, projections, smtp = {
-        "dev": (True, True, True, True),
-        "serve": (True, False, True, False),
-        "worker": (False, True, False, False),
-        "smtp": (False, False, False, True),
+    http, worker, projections, smtp, routing = {
+        "dev": (True, True, True, True, True),
+        "serve": (True, False, True, False, False),
+        "worker": (False, True, False, False, False),
+        "smtp": (False, False, False, True, False),
+        "route": (False, False, False, False, True),
     }[args.command]
     import uvloop  # libuv's loop: about twice the webhook throughput of asyncio's (bench/)
 
     uvloop.run(
-        composition.run(settings, http=http, worker=worker, projections=projections, smtp=smtp)
+        composition.run(
+            settings,
+            http=http,
+            worker=worker,
+            projections=projections,
+            smtp=smtp,
+            routing=routing,
+        )
     )
     return 0
 

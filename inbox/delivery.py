@@ -62,6 +62,8 @@ OUTBOX_TABLE = "outbox"
 POSITION_TABLE = "outbox_position"
 FOLLOWER = "outbox"
 REPLY_QUEUED_TOPIC = get_topic(Conversation.ReplyQueued)
+# The satisfaction survey goes out like a reply (same fields: message_id, channel, text).
+SURVEY_QUEUED_TOPIC = get_topic(Conversation.SurveyQueued)
 
 PENDING, SENT, FAILED, HELD = "pending", "sent", "failed", "held"
 STATUSES = frozenset({PENDING, SENT, FAILED, HELD})
@@ -430,7 +432,7 @@ class DeliveryService:
             position,
             self.batch_size,
             stop=head,
-            topics=[REPLY_QUEUED_TOPIC],
+            topics=[REPLY_QUEUED_TOPIC, SURVEY_QUEUED_TOPIC],
             inclusive_of_start=False,
         )
         full = len(notifications) == self.batch_size

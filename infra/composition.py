@@ -29,14 +29,19 @@ from adapters.outbound import ChannelSender
 from adapters.senders import WhatsAppRouter
 from adapters.twilio_messaging import twilio_messaging_routes
 from adapters.twilio_out import TwilioSender
+from inbox.agents import Directory
 from inbox.api import ApiContext, create_app
+from inbox.commands import Commands, SurveyText
 from inbox.delivery import DeliveryService
+from inbox.distribution import Distributor
+from inbox.surveys import Surveys
 from inbox.worker import IngestWorker, WorkerConfig
 from infra.broker import EmbeddedBroker
 from infra.kafka import app_topics, ensure_topics
 from infra.settings import Settings, chat_secret
 from infra.store import EventStore, open_event_store
 from projections.db import ReadModelDB, open_read_models
+from projections.inbox_view import get_item
 from projections.replay import PROJECTIONS
 from projections.runner import ProjectionRunner
 from projections.tracking import ensure_state_table
@@ -81,6 +86,7 @@ class Channels:
     senders: dict[str, ChannelSender]
     hold_reasons: dict[str, str]
     closers: list[Callable[[], Awaitable[None]]]
+    surveys: Surveys
 
 
 def build_publisher(settings: Settings) -> KafkaPublisher:
@@ -96,6 +102,15 @@ def build_channels(parts: Parts) -> Channels:
     settings = parts.settings
     publisher = build_publisher(settings)
     chat = ChatGateway(publisher, chat_secret(settings), ReadModelChatHistory(parts.read_models))
+    surveys = Surveys(
+        public_url=settings.public_url,
+        # survey tokens are signed under their own prefix: sharing the secret is safe
+        secret=chat_secret(settings),
+        publisher=publisher,
+        customer_email=lambda conversation: asyncio.to_thread(
+            customer_email, parts.read_models, conversation
+        ),
+    )
     routes: list[BaseRoute] = [
         *meta_routes(
             publisher, app_secret=settings.meta_app_secret, verify_token=settings.meta_verify_token
@@ -104,6 +119,7 @@ def build_channels(parts: Parts) -> Channels:
             publisher, auth_token=settings.twilio_auth_token, public_url=settings.public_url
         ),
         *chat.routes(),
+        *surveys.routes(),
     ]
     senders: dict[str, ChannelSender] = {"chat": ChatSender(chat.hub)}
     hold_reasons: dict[str, str] = {}
@@ -146,12 +162,45 @@ def build_channels(parts: Parts) -> Channels:
         senders["whatsapp"] = WhatsAppRouter(twilio=twilio, meta=meta)
     else:
         hold_reasons["whatsapp"] = "neither Twilio nor Meta is configured"
-    return Channels(publisher, routes, senders, hold_reasons, closers)
+    return Channels(publisher, routes, senders, hold_reasons, closers, surveys)
 
 
-def build_http_app(parts: Parts, routes: list[BaseRoute] | None = None) -> Starlette:
+def customer_email(db: ReadModelDB, conversation_id: str) -> str | None:
+    """The email address of a conversation's customer, from the inbox view."""
+    with db.read() as tx:
+        item = get_item(tx, conversation_id)
+    if item is None:
+        return None
+    for identity in item["customer"]["identities"]:
+        if identity.startswith("email:"):
+            return str(identity[len("email:") :])
+    return None
+
+
+def build_directory(parts: Parts) -> Directory:
+    return Directory(parts.store, admin_token=parts.settings.admin_token)
+
+
+def build_http_app(
+    parts: Parts,
+    routes: list[BaseRoute] | None = None,
+    *,
+    stored: Callable[[], None] = lambda: None,
+    survey_text: SurveyText | None = None,
+) -> Starlette:
+    """`stored`: told after a command stored events (wakes routing and the stream here)."""
+    commands = Commands(parts.store)
+    if survey_text is not None:
+        commands.survey_text = survey_text
     return create_app(
-        ApiContext(parts.store, parts.read_models, parts.settings.admin_token),
+        ApiContext(
+            parts.store,
+            parts.read_models,
+            parts.settings.admin_token,
+            commands=commands,
+            directory=build_directory(parts),
+            stored=stored,
+        ),
         extra_routes=routes or [],
     )
 
@@ -258,7 +307,9 @@ def _banner(settings: Settings, parts_started: list[str], say: Callable[[str], N
     if "SMTP" in parts_started:
         domains = ", ".join(settings.email_domains)
         say(f"  SMTP              {settings.smtp_host}:{settings.smtp_port}  ({domains})")
-    say(f"  Kafka             {settings.kafka_bootstrap}  (topic {settings.contact_events_topic})")
+    if settings.kafka_bootstrap is not None:
+        topic = settings.contact_events_topic
+        say(f"  Kafka             {settings.kafka_bootstrap}  (topic {topic})")
     say(f"  event store       {settings.database_url}")
     if settings.admin_token_generated and "HTTP" in parts_started:
         say(f"  admin token       {settings.admin_token}")
@@ -273,23 +324,39 @@ async def run(
     projections: bool,
     smtp: bool = False,
     delivery: bool | None = None,
+    routing: bool = False,
     say: Callable[[str], None] = print,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Runs the chosen parts until SIGINT/SIGTERM (or `stop`). Delivery of replies runs with
-    the HTTP part unless told otherwise: chat replies reach that process's sockets."""
+    the HTTP part unless told otherwise: chat replies reach that process's sockets. Routing
+    (the Distributor) must run in one process only: it is the one that decides offers."""
     stop = stop or asyncio.Event()
     delivery = http if delivery is None else delivery
     with contextlib.suppress(NotImplementedError, RuntimeError):
         _stop_on_signals(stop)
     with contextlib.ExitStack() as stack:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        settings = await _start_kafka(settings, stack)
+        if http or worker or smtp or delivery:
+            settings = await _start_kafka(settings, stack)
         parts = build_parts(settings)
         stack.callback(parts.close)
         async with contextlib.AsyncExitStack() as running:
             tasks: list[asyncio.Task[Any]] = []
             started: list[str] = []
+            wakers: list[Callable[[], None]] = []
+
+            def stored() -> None:
+                for wake in wakers:
+                    wake()
+
+            if routing:
+                distributor = Distributor(parts.store, build_directory(parts))
+                wakers.append(distributor.nudge)
+                tasks.append(
+                    asyncio.create_task(distributor.run(stop, stored=stored), name="routing")
+                )
+                started.append("routing")
             if projections:
                 await running.enter_async_context(
                     projections_in_thread(build_projection_runner(parts))
@@ -310,7 +377,9 @@ async def run(
                     running.push_async_callback(close)
             if http:
                 assert channels is not None
-                app = build_http_app(parts, channels.routes)
+                app = build_http_app(
+                    parts, channels.routes, stored=stored, survey_text=channels.surveys.text
+                )
                 tasks.append(asyncio.create_task(_serve_http(app, settings, stop), name="http"))
                 started.append("HTTP")
             if smtp:

@@ -18,6 +18,7 @@ from infra.store import EventStore, open_event_store
 from projections.base import Projection
 from projections.db import ReadModelDB, open_read_models
 from projections.directory import DirectoryView
+from projections.escalations import Escalations
 from projections.inbox_view import InboxView
 from projections.runner import LogSource, ProjectionRunner, apply_batch, read_log
 from projections.timeline import Timeline
@@ -38,6 +39,7 @@ PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "inbox": InboxView,
     "timeline": Timeline,
     "directory": DirectoryView,
+    "escalations": Escalations,
 }
 
 # progress(position, head): called after every batch.

@@ -286,6 +286,7 @@ class Conversation(DomainAggregate):
             # SLA clocks and the first-response KPI measure from the reopen
             aggregate.cycle_started_at = self.at
             aggregate.first_response_at = None
+            aggregate.escalated = False
             aggregate.breaches = []
             aggregate.survey_pending = False
 
@@ -327,7 +328,9 @@ class Conversation(DomainAggregate):
     # -- what the customer did (from contact events) --------------------------------------
 
     def receive_message(self, *, automatic: bool, at: str, **fields: Any) -> None:
-        score = _survey_score(fields.get("text", "")) if self.survey_pending else None
+        # email answers the survey by its links, so a digit in an email is a message
+        pending = self.survey_pending and fields.get("channel") != "email"
+        score = _survey_score(fields.get("text", "")) if pending else None
         if score is not None and not automatic:
             self.trigger_event(
                 self.CsatSubmitted,

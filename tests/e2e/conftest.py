@@ -72,6 +72,7 @@ async def stack(
             worker=True,
             projections=True,
             smtp=True,
+            routing=True,
             say=lines.append,
             stop=stop,
         )

@@ -47,7 +47,9 @@ async def test_a_contact_event_from_any_kafka_client_shows_up_in_the_inbox(stack
 
     history = (await stack.get(f"/api/v1/conversations/{by_channel['sms']['id']}/events")).json()
     types = [e["type"] for e in history["items"]]
-    assert types == ["Opened", "MessageReceived"]
+    # routing (in the stack, as in `inbox dev`) puts it in the default queue, maybe already
+    assert types[:2] == ["Opened", "MessageReceived"]
+    assert types[2:] in ([], ["Queued"])
     source = history["items"][1]["source"]
     assert source["event_id"] == "SMa"
     assert source["kafka"]["topic"] == stack.settings.contact_events_topic
