@@ -1,0 +1,215 @@
+"""The stream's pure rules: which frame an event becomes, how a conversation's scope moves, and
+who may see a frame."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inbox.domain.conversation import Conversation
+from inbox.domain.errors import ConversationStateError
+from inbox.stream import (
+    TYPES,
+    Audience,
+    ConversationScope,
+    Principal,
+    admits,
+    message_of,
+    next_scope,
+)
+from projections.base import Event
+
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+AT = "2026-11-27T09:00:00.000000Z"
+CONVERSATION = "0b6f1c5e-6a51-4b8e-9d1e-3f7e9c0f8a11"
+SKILLS = {"billing": "billing", "tech": "tech", "general": None}
+ANN = Principal("ann", "agent", frozenset({"billing"}))
+SUE = Principal("sue", "supervisor", frozenset())
+
+
+def event(name: str, **state: Any) -> Event:
+    state.setdefault("at", AT)
+    state.setdefault("timestamp", "2026-11-27T09:00:00+00:00")
+    state.setdefault("originator_topic", "inbox.domain.conversation:Conversation")
+    return Event(7, name, CONVERSATION, 2, state)
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@pytest.mark.parametrize(("name", "kind"), sorted(TYPES.items()))
+def test_each_domain_event_named_becomes_its_frame_type(name: str, kind: str) -> None:
+    # given an event of that name
+    # when it is mapped
+    message = message_of(event(name, agent="ann", class_version=2), agent="ann")
+    # then it has its type, its cursor and no bookkeeping in its data
+    assert message is not None
+    assert message["type"] == kind
+    assert message["cursor"] == 7
+    assert message["at"] == AT
+    assert message["data"]["event"] == name
+    assert not {"timestamp", "originator_topic", "class_version"} & set(message["data"])
+
+
+@pytest.mark.parametrize(
+    "name", ["Conversation.SurveyQueued", "Agent.Registered", "Agent.ProfileChanged", "X.Y"]
+)
+def test_other_events_are_not_sent(name: str) -> None:
+    assert message_of(event(name)) is None
+
+
+def test_a_message_says_its_direction_and_a_status_change_the_new_status() -> None:
+    inbound = message_of(event("Conversation.MessageReceived", text="hi"))
+    outbound = message_of(event("Conversation.ReplyQueued", text="hello"))
+    pending = message_of(event("Conversation.MarkedPending"))
+    assert inbound is not None
+    assert outbound is not None
+    assert pending is not None
+    assert (inbound["data"]["direction"], outbound["data"]["direction"]) == ("in", "out")
+    assert inbound["conversation"] == CONVERSATION
+    assert pending["data"]["status"] == "pending"
+
+
+def test_a_presence_change_names_the_agent_and_no_conversation() -> None:
+    change = Event(9, "Agent.PresenceChanged", "uuid-of-ann", 3, {"status": "away", "at": AT})
+    message = message_of(change, agent="ann")
+    assert message is not None
+    assert (message["type"], message["agent"], message["conversation"]) == (
+        "presence",
+        "ann",
+        None,
+    )
+
+
+# --------------------------------------------------------------------------- scopes
+
+agents = st.sampled_from(["ann", "bob", "carl"])
+queues = st.sampled_from(["billing", "tech", "general"])
+commands = st.one_of(
+    st.tuples(st.just("assign"), agents),
+    st.tuples(st.just("unassign"), st.none()),
+    st.tuples(st.just("transfer"), queues),
+    st.tuples(st.just("enter_queue"), queues),
+    st.tuples(st.just("offer"), agents),
+    st.tuples(st.just("lapse"), st.none()),
+    st.tuples(st.just("resolve"), st.none()),
+    st.tuples(st.just("reopen"), st.none()),
+    st.tuples(st.just("pending"), st.none()),
+    st.tuples(st.just("message"), st.none()),
+    st.tuples(st.just("call"), st.none()),
+)
+
+
+def run(conversation: Conversation, command: str, arg: Any) -> None:
+    actions = {
+        "assign": lambda: conversation.assign(arg, actor="sue", at=AT),
+        "unassign": lambda: conversation.assign(None, actor="sue", at=AT),
+        "transfer": lambda: conversation.transfer(arg, actor="sue", at=AT),
+        "enter_queue": lambda: conversation.enter_queue(
+            arg, 1, reason="rule", actor="router", at=AT
+        ),
+        "offer": lambda: conversation.offer(arg, expires_at=None, reason="idle", at=AT),
+        "lapse": lambda: conversation.lapse_offer(
+            conversation.offered_to or "", reason="timeout", actor="router", at=AT
+        ),
+        "resolve": lambda: conversation.resolve(actor="sue", at=AT),
+        "reopen": lambda: conversation.reopen(actor="sue", at=AT),
+        "pending": lambda: conversation.mark_pending(actor="sue", at=AT),
+        "message": lambda: conversation.receive_message(
+            automatic=False,
+            at=AT,
+            channel="sms",
+            via=None,
+            message_id=None,
+            text="more",
+            subject=None,
+            html=None,
+            attachments=[],
+            thread_ref=None,
+            in_reply_to=[],
+            source_event_id="e",
+        ),
+        "call": lambda: conversation.record_activity(
+            "call.started", at=AT, channel="voice", data={}, source_event_id="c"
+        ),
+    }
+    with contextlib.suppress(ConversationStateError):  # refused: nothing recorded
+        actions[command]()
+
+
+@FUZZ
+@given(st.sampled_from([None, "billing", "tech"]), st.lists(commands, max_size=25))
+def test_the_scope_folded_from_the_events_is_the_conversations_own(
+    queue: str | None, steps: list[tuple[str, Any]]
+) -> None:
+    # given a conversation through any sequence of commands
+    conversation = Conversation(
+        customer_id="c", channel="sms", queue=queue, previous=None, source_event_id="s", at=AT
+    )
+    for command, arg in steps:
+        run(conversation, command, arg)
+    # when its events are folded into a scope
+    scope: ConversationScope | None = None
+    for recorded in conversation.collect_events():
+        scope = next_scope(scope, type(recorded).__qualname__, vars(recorded))
+    # then the scope is the conversation's queue, assignee, offer and status
+    assert scope == ConversationScope(
+        conversation.queue, conversation.assignee, conversation.offered_to, conversation.status
+    )
+
+
+# --------------------------------------------------------------------------- who sees
+
+
+@pytest.mark.parametrize(
+    ("scope", "sees"),
+    [
+        (ConversationScope("billing"), True),  # waiting in a queue of her skill
+        (ConversationScope("general"), True),  # a queue that needs no skill
+        (ConversationScope("tech"), False),
+        (ConversationScope(None), False),  # not routed yet
+        (ConversationScope("billing", assignee="bob"), False),  # someone else's
+        (ConversationScope("tech", assignee="ann"), True),
+        (ConversationScope("tech", offered_to="ann"), True),
+        (ConversationScope("billing", status="resolved"), False),
+        (ConversationScope("billing", status="pending"), True),
+        (None, False),
+    ],
+)
+def test_an_agent_sees_own_offered_and_waiting_work_of_her_skills(
+    scope: ConversationScope | None, sees: bool
+) -> None:
+    assert admits(scope, ANN, SKILLS.get) is sees
+
+
+scopes = st.none() | st.builds(
+    ConversationScope,
+    st.none() | queues,
+    st.none() | agents,
+    st.none() | agents,
+    st.sampled_from(["open", "pending", "resolved"]),
+)
+
+
+@FUZZ
+@given(scopes, scopes)
+def test_a_frame_goes_to_an_agent_who_could_see_the_conversation_before_or_after_it(
+    before: ConversationScope | None, after: ConversationScope | None
+) -> None:
+    # given a conversation event that moves the scope from `before` to `after`
+    audience = Audience(before, after)
+    # then an agent gets it when either side admits her; a supervisor always does
+    expected = admits(before, ANN, SKILLS.get) or admits(after, ANN, SKILLS.get)
+    assert audience.admits(ANN, SKILLS.get) is expected
+    assert audience.admits(SUE, SKILLS.get)
+
+
+def test_a_presence_change_goes_to_that_agent_only_beside_supervisors() -> None:
+    audience = Audience(agent="ann")
+    assert audience.admits(ANN, SKILLS.get)
+    assert not audience.admits(Principal("bob", "agent", frozenset({"billing"})), SKILLS.get)
+    assert audience.admits(SUE, SKILLS.get)
