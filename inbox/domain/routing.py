@@ -33,8 +33,8 @@ Rules (the issue's, plus the choices this module made):
 - An item is not offered again to an agent whose offer for it lapsed, unless every other
   available eligible agent lapsed it too (then the item would wait forever): it goes back to
   them, reason "only agent left".
-- An agent whose misses reached `max_misses` gets no offers until it accepts one by manual
-  assignment or becomes available again (the service records it as away).
+- An agent whose misses reached `max_misses` gets no offers until it becomes available again
+  (the service records it as away), and its other outstanding offers are withdrawn at once.
 - Capacity: an offer is made only while load + outstanding offers < capacity on the channel.
   `assigned` records a fact and may exceed capacity (a supervisor's manual assignment, a
   capacity cut); the router then makes no offers to that agent on that channel.
@@ -138,7 +138,7 @@ class _Item:
     agent: str | None = None  # offered to, or held by
     offer: Offer | None = None
     seq: int = 0  # when the current offer was made: capacity cuts withdraw the newest first
-    token: int = 0  # heap entries with another token are stale
+    token: int = 0  # heap entries with another token are stale (router-wide: unique)
     lapsed: dict[str, float] = field(default_factory=dict)  # agent -> expiry of its lapsed offer
 
     @property
@@ -274,11 +274,12 @@ class Router:
             self._let_go(it, at=None)
         else:
             self._index_remove(it)
+        kept = (it.offer, it.seq, self._cancel(it)) if it.state == OFFERED else None
         it.queue, it.channel, it.priority, it.since = queue, channel, priority, since
         it.customer, it.language = customer, language
         self._index_add(it)
-        if it.state == OFFERED:
-            self._revalidate(it)
+        if kept is not None and kept[0] is not None and self._fits(it, kept[2]):
+            self._place(it, kept[2], kept[0], kept[1])  # its agent can still take it
         else:
             self._push(it)
 
@@ -312,7 +313,7 @@ class Router:
                 self._cancel(it)
                 if accepted:
                     self._agent(agent).misses = 0
-            it.token += 1
+            it.token = self._next_seq()
             it.state = ASSIGNED
             self._index_remove(it)
         self._echo.pop(item, None)
@@ -571,7 +572,7 @@ class Router:
     def _place(self, it: _Item, a: _Agent, offer: Offer, seq: int) -> None:
         assert it.channel is not None
         it.state, it.agent, it.offer, it.seq = OFFERED, a.spec.id, offer, seq
-        it.token += 1
+        it.token = self._next_seq()
         a.offers.setdefault(it.channel, {})[it.id] = seq
         if offer.expires_at is not None:
             heapq.heappush(self._expiry, (offer.expires_at, it.id, a.spec.id, seq))
@@ -600,19 +601,13 @@ class Router:
         self._cancel(it)
         self._push(it)
         if a.misses >= self._max_misses:
-            self._detach(a)  # no more offers to it: others may now get the items it lapsed
-            self._attach(a)
+            # It is about to be made away: its other offers go back now (as the away would
+            # do), so live and replay agree whenever the service records the away.
+            self._detach(a)
+            for other in self._offered_items(a):
+                self._withdraw_offer(other)
+            self._attach(a)  # no more offers to it: others may now get the items it lapsed
         return a.misses
-
-    def _revalidate(self, it: _Item) -> None:
-        """Keep an offer after its item changed only if the agent could be offered it now."""
-        assert it.offer is not None
-        offer, seq = it.offer, it.seq
-        a = self._cancel(it)
-        if it.channel is not None and self._fits(it, a):
-            self._place(it, a, offer, seq)
-        else:
-            self._push(it)
 
     def _fits(self, it: _Item, a: _Agent) -> bool:
         """Whether the item may be offered to the agent (the log's offers are checked too)."""
@@ -638,14 +633,14 @@ class Router:
             self._refresh(a, (it.channel,))
 
     def _forget(self, it: _Item) -> None:
-        it.token += 1
+        it.token = self._next_seq()
         self._echo.pop(it.id, None)
         del self._items[it.id]
 
     def _push(self, it: _Item) -> None:
         """The item waits (again) in its bucket, at the place its key gives it."""
         assert it.channel is not None
-        it.token += 1
+        it.token = self._next_seq()
         key = it.bucket
         heapq.heappush(self._bucket(key).heap, (*it.key, it.token))
         self._dirty.add(key)

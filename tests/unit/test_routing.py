@@ -192,6 +192,16 @@ def test_enqueue_twice_changes_nothing() -> None:
     assert r.decide(T0 + 1) == []
 
 
+def test_an_item_withdrawn_and_back_on_another_channel_waits_only_there() -> None:
+    # Given a chat that was withdrawn, then came back as a call
+    r = router(agent("a1", chat=1))
+    chat(r, "i1", T0)
+    r.withdraw("i1")
+    chat(r, "i1", T0 + 1, channel="voice")
+    # Then the chat agent is not offered it (the chat queue entry is stale)
+    assert r.decide(T0 + 2) == []
+
+
 def test_a_transfer_to_a_queue_the_agent_cannot_serve_withdraws_the_offer() -> None:
     r = router(
         agent("a1"),
@@ -395,6 +405,20 @@ def test_repeated_misses_make_the_agent_away() -> None:
     r.set_presence("a1", "away", T0 + 60)
     r.set_presence("a1", "available", T0 + 90)
     assert r.decide(T0 + 90) == [Offer("v0", "a1", T0 + 110, "only agent left")]
+
+
+def test_the_miss_that_makes_an_agent_away_withdraws_its_other_offers() -> None:
+    # Given an agent with two misses and two offers out, the first expiring first
+    r = router(agent("a1", voice=1, chat=1), agent("a2", skills=("other",)), max_misses=1)
+    chat(r, "call", T0, channel="voice")
+    chat(r, "chat", T0)
+    assert len(r.decide(T0)) == 2
+    # When the call's offer lapses (the agent's last allowed miss)
+    lapses = r.expire(T0 + 60)
+    # Then the chat's offer is withdrawn, not lapsed: no second miss, it waits again
+    assert lapses == [OfferLapsed("call", "a1", 1, True)]
+    assert r.outstanding() == []
+    assert [r.position("call"), r.position("chat")] == [1, 2]
 
 
 def test_an_accepted_offer_resets_the_misses() -> None:
@@ -715,7 +739,8 @@ def run(operations: list[Op], cuts: bool, sticky_wait: float) -> None:
 @PROPERTY
 @given(ops, st.sampled_from([0.0, 20.0]))
 def test_capacity_is_never_exceeded_and_replay_agrees(operations: list[Op], wait: float) -> None:
-    run(operations, cuts=False, sticky_wait=wait)
+    everyone_available: list[Op] = [("presence", n, 0, 0) for n in range(len(AGENTS))]
+    run(everyone_available + operations, cuts=False, sticky_wait=wait)
 
 
 @PROPERTY
