@@ -52,7 +52,10 @@ class Center:
         from inbox.domain.routing import Router
 
         return Distributor(
-            self.store, self.directory, router=Router(**router) if router else None, clock=self.clock
+            self.store,
+            self.directory,
+            router=Router(**router) if router else None,
+            clock=self.clock,
         )
 
     def agent(self, agent_id: str, **profile: Any) -> None:
@@ -176,7 +179,8 @@ def test_a_chat_offer_not_accepted_goes_to_the_next_agent_and_misses_make_away(
     assert conversation.offered_to == second
     assert conversation.assignee is None
     missed = center.directory.agent(first)
-    assert missed is not None and missed.presence == "away"
+    assert missed is not None
+    assert missed.presence == "away"
 
     center.commands.accept_offer(chat.id, second)
     assert center.conversation(chat.id).assignee == second
