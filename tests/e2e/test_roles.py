@@ -134,8 +134,10 @@ async def test_routing_offers_a_chat_and_one_agent_wins_it(stack: Stack) -> None
 
     async def offered() -> dict[str, Any]:
         for _ in range(400):
-            page = (await _call(stack, "GET", "/api/v1/conversations", None, ann)).json()
-            offers = [i for i in page["items"] if i["offered_to"] == "ann"]
+            page: dict[str, Any] = (
+                await _call(stack, "GET", "/api/v1/conversations", None, ann)
+            ).json()
+            offers: list[dict[str, Any]] = [i for i in page["items"] if i["offered_to"] == "ann"]
             if offers:
                 return offers[0]
             await asyncio.sleep(0.05)
