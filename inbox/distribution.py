@@ -296,6 +296,15 @@ class Distributor:
             c.warned.clear()
             c.breached.clear()
             if c.assignee is not None:  # the agent who had it keeps the customer
+                if c.queue is not None:  # so the router knows whose customer it is
+                    self.router.enqueue(
+                        cid,
+                        queue=c.queue,
+                        channel=c.channel,
+                        priority=c.priority,
+                        since=_seconds(at),
+                        customer=c.customer,
+                    )
                 self.router.assigned(cid, c.assignee, _seconds(at), channel=c.channel)
         elif short == "SlaWarned":
             c.warned.add((s["kind"], s["due_at"]))

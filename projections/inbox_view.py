@@ -18,10 +18,13 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
 
+from inbox.domain.sla import SlaPolicy, earliest_due, running_clocks
+from inbox.domain.time import iso, parse_iso
 from inbox.identity import InvalidIdentity, parse_key
 from projections.base import Event, table
 from projections.db import ReadModelDB, Tx
@@ -31,6 +34,7 @@ NAME = "inbox"
 CONVERSATIONS = "inbox_conversations"
 CUSTOMERS = "inbox_customers"
 CLAIMS = "inbox_claims"
+POLICIES = "inbox_sla_policies"
 
 OPEN, PENDING, RESOLVED = "open", "pending", "resolved"
 STATUSES = frozenset({OPEN, PENDING, RESOLVED})
@@ -130,6 +134,8 @@ class InboxView:
             "Conversation.PriorityChanged",
             "Conversation.Offered",
             "Conversation.OfferLapsed",
+            "Queue.Defined",
+            "Queue.Changed",
             "Customer.Registered",
             "Customer.IdentityAdded",
             "Customer.NameLearned",
@@ -143,10 +149,15 @@ class InboxView:
     )
 
     def tables(self, generation: int) -> list[str]:
-        return [table(t, generation) for t in (CONVERSATIONS, CUSTOMERS, CLAIMS)]
+        return [table(t, generation) for t in (CONVERSATIONS, CUSTOMERS, CLAIMS, POLICIES)]
 
     def create_tables(self, tx: Tx, generation: int) -> None:
-        conv, cust, claims = self.tables(generation)
+        conv, cust, claims, policies = self.tables(generation)
+        # the SLA policy of each queue as of this generation's position (queue ids -> name)
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {policies} (queue_id TEXT PRIMARY KEY, "
+            "name TEXT NOT NULL, sla TEXT)"
+        )
         # SQLite: the primary key is the table (one B-tree to write instead of two).
         clustered = "" if tx.is_postgres else " WITHOUT ROWID"
         tx.execute(
@@ -170,7 +181,7 @@ class InboxView:
         )
 
     def create_indexes(self, tx: Tx, generation: int) -> None:
-        conv, _, claims = self.tables(generation)
+        conv, _, claims, _ = self.tables(generation)
         tx.execute(f"CREATE INDEX IF NOT EXISTS {conv}_updated ON {conv} (updated_at, id)")
         tx.execute(f"CREATE INDEX IF NOT EXISTS {conv}_status ON {conv} (status, updated_at, id)")
         tx.execute(f"CREATE INDEX IF NOT EXISTS {conv}_owner ON {conv} (owner_id, opened_at)")
@@ -225,7 +236,8 @@ class _Batch:
 
     def __init__(self, tx: Tx, tables: list[str], cache: _Cache) -> None:
         self.tx = tx
-        self.conv_table, self.cust_table, self.claim_table = tables
+        self.conv_table, self.cust_table, self.claim_table, self.policy_table = tables
+        self.policies: dict[str, SlaPolicy] | None = None
         self.convs: dict[str, list[Any]] = cache.convs
         self.custs = cache.custs
         self.claims = cache.claims
@@ -251,6 +263,8 @@ class _Batch:
             "Conversation.PriorityChanged": self.priority_changed,
             "Conversation.Offered": self.offered,
             "Conversation.OfferLapsed": self.offer_lapsed,
+            "Queue.Defined": self.queue_defined,
+            "Queue.Changed": self.queue_defined,
             "Customer.Registered": self.registered,
             "Customer.IdentityAdded": self.identity_added,
             "Customer.NameLearned": self.name_learned,
@@ -280,7 +294,9 @@ class _Batch:
         claims: set[str] = set()
         for e in events:
             oid = e.originator_id
-            kind = e.name[:3]  # "Con", "Cus", "Ide"
+            kind = e.name[:3]  # "Con", "Cus", "Ide", "Que"
+            if kind == "Que":
+                continue
             if oid not in seen:
                 seen.add(oid)
                 if e.version > 1:
@@ -335,12 +351,60 @@ class _Batch:
             cust_id = cust["merged_into"]
         return cust_id
 
+    def _sla_policies(self) -> dict[str, SlaPolicy]:
+        """Queue name -> SLA policy, as of this batch (read once per batch: a few rows)."""
+        if self.policies is None:
+            self.policies = {}
+            self.tx.execute(f"SELECT name, sla FROM {self.policy_table} WHERE sla IS NOT NULL")
+            for name, sla in self.tx.fetchall():
+                self.policies[name] = SlaPolicy.from_dict({**orjson.loads(sla), "queue": name})
+        return self.policies
+
+    def queue_defined(self, e: Event) -> None:
+        """A policy applies from its event on: rows are due again when they next change."""
+        s = e.state
+        sla = s["spec"].get("sla")
+        name = s.get("name")
+        if name is None:
+            self.tx.execute(
+                f"SELECT name FROM {self.policy_table} WHERE queue_id=?", (e.originator_id,)
+            )
+            found = self.tx.fetchone()
+            if found is None:
+                return
+            name = found[0]
+        encoded = None if not sla else orjson.dumps(sla).decode()
+        self.tx.execute(
+            f"INSERT INTO {self.policy_table} (queue_id, name, sla) VALUES (?, ?, ?) "
+            "ON CONFLICT (queue_id) DO UPDATE SET sla=excluded.sla",
+            (e.originator_id, name, encoded),
+        )
+        self.policies = None
+
+    def _sla_due(self, row: list[Any]) -> str | None:
+        policy = None if row[QUEUE] is None else self._sla_policies().get(row[QUEUE])
+        if policy is None or row[STATUS] == RESOLVED:
+            return None
+        due = earliest_due(
+            running_clocks(
+                policy,
+                row[PRIORITY],
+                opened_at=parse_iso(row[CYCLE_STARTED_AT] or row[OPENED_AT]),
+                first_response_at=_when(row[FIRST_RESPONSE_AT]),
+                waiting_since=_when(row[WAITING_SINCE]),
+                resolved=False,
+            )
+        )
+        return None if due is None else iso(due.due_at)
+
     def _write(self) -> None:
         tx = self.tx
         dumps = orjson.dumps
         if self.dirty_convs:
             convs = self.convs
             rows = [convs[conv_id] for conv_id in self.dirty_convs]
+            for row in rows:
+                row[SLA_DUE_AT] = self._sla_due(row)
             tx.executemany(_upsert(self.conv_table, _CONV_COLUMNS, "id"), rows)
         if self.dirty_custs:
             tx.executemany(
@@ -618,6 +682,10 @@ class _Batch:
             self.dirty_claims.add(e.originator_id)
 
 
+def _when(at: str | None) -> datetime | None:
+    return None if at is None else parse_iso(at)
+
+
 def _conv_from_row(row: tuple[Any, ...]) -> list[Any]:
     return list(row)
 
@@ -687,7 +755,7 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return value[0], value[1]
 
 
-def _tables(tx: Tx) -> tuple[str, str, str] | None:
+def _tables(tx: Tx) -> tuple[str, str, str] | None:  # conversations, customers, claims
     conv = active_table(tx, NAME, CONVERSATIONS)
     if conv is None:
         return None

@@ -14,10 +14,12 @@ from uuid import UUID
 import pytest
 from eventsourcing.persistence import Notification, Tracking
 
+from inbox.agents import queue_spec
 from inbox.contact import ContactEvent, CustomerRef, validate
 from inbox.domain import ids
 from inbox.domain.conversation import Conversation
 from inbox.domain.customer import Customer
+from inbox.domain.queue import Queue
 from inbox.ingest import Ingestor
 from infra.store import ContactEventRow, EventStore, open_event_store
 from projections.base import Projection
@@ -422,6 +424,51 @@ def busy_history(w: World, customers: int = 30) -> None:
     # After the reopen window a message opens a new conversation.
     w.ingest(contact("late0", 60 * 24 * 9, email="c0@example.com"))
     w.merge("email:c1@example.com", "email:c2@example.com")
+    # A queue with an SLA policy, and conversations in it: their rows carry a due time.
+    define_sla_queue(w)
+    for i in range(1, customers, 4):
+        conv = w.conversation_of(f"email:c{i}@example.com")
+        if conv.status != "resolved":
+            conv.enter_queue("vip", 0, reason="test", actor=AGENT, at=at(300 + i))
+            w.store.save(conv)
+
+
+def define_sla_queue(w: World) -> None:
+    spec = queue_spec(
+        "vip",
+        {
+            "sla": {
+                "timezone": "UTC",
+                "hours": {"mon": ["09:00-17:00"], "tue": ["09:00-17:00"]},
+                "targets": {"0": {"first_response": "30m", "next_response": "1h"}},
+            }
+        },
+    )
+    w.store.save(Queue(name="vip", spec=spec, actor="admin", at=at(0)))
+
+
+def test_sla_due_at_follows_the_queue_policy_in_business_hours(world: World) -> None:
+    define_sla_queue(world)
+    world.ingest(contact("s1", 0, email="sla@example.com"))  # Monday 09:00
+    conv = world.conversation_of("email:sla@example.com")
+    conv.enter_queue("vip", 0, reason="test", actor=AGENT, at=at(1))
+    world.store.save(conv)
+    world.catch_up()
+    (item,) = list_conversations(world.db, customer="email:sla@example.com")["items"]
+    assert item["sla_due_at"] == at(30)  # first response: 30 min from the first contact
+
+    conv = world.conversation_of("email:sla@example.com")
+    conv.queue_reply("r1", "email", "hi", actor=AGENT, at=at(10))
+    world.store.save(conv)
+    world.catch_up()
+    (item,) = list_conversations(world.db, customer="email:sla@example.com")["items"]
+    assert item["sla_due_at"] is None  # answered, nobody waits, no resolution target
+
+    world.ingest(contact("s2", 60 * 7 + 30, email="sla@example.com"))  # Monday 16:30
+    world.catch_up()
+    (item,) = list_conversations(world.db, customer="email:sla@example.com")["items"]
+    # next response: 30 business minutes left on Monday, the other 30 on Tuesday from 09:00
+    assert item["sla_due_at"] == at(60 * 24 + 30)
 
 
 def rows(db: ReadModelDB, tables: Sequence[str]) -> dict[str, list[tuple[Any, ...]]]:
