@@ -240,6 +240,8 @@ class _Client:
     buffer: deque[tuple[int, str]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     live: bool = False
+    last_sent: float = 0.0  # loop time of the last frame sent
+    beat: bool = False  # a heartbeat is due
     close_code: int | None = None  # set: close with it (overflow, shutdown, disconnected)
     close_reason: str = ""  # "{cursor}" in it: the client's cursor when it is closed
 
@@ -323,6 +325,7 @@ class StreamHub:
         self._sockets: dict[str, int] = {}  # agent id -> open sockets
         self._gone_since: dict[str, float] = {}  # agent id -> when their last socket closed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeats_checked = 0.0
 
     # -- public ----------------------------------------------------------------------------
 
@@ -367,6 +370,7 @@ class StreamHub:
                     log.exception("stream: reading the log failed; retrying")
                     done = 0
                 self._check_grace()
+                self._check_heartbeats()
                 if done == 0:
                     nudged = asyncio.ensure_future(self._nudged.wait())
                     await asyncio.wait(
@@ -620,31 +624,48 @@ class StreamHub:
 
     async def _send_live(self, client: _Client) -> None:
         websocket, buffer = client.websocket, client.buffer
-        heartbeat = self._heartbeat
+        loop = asyncio.get_running_loop()
         while True:
             while buffer and client.close_code is None:
                 cursor, text = buffer.popleft()
                 if cursor > client.cursor:  # never twice
                     await websocket.send_text(text)
                     client.cursor = cursor
+                    client.last_sent = loop.time()
             if client.close_code is not None:
                 break
             # Nothing buffered: every frame for this client up to the hub's position is sent.
             client.cursor = max(client.cursor, self._position)
-            client.wake.clear()
-            try:
-                async with asyncio.timeout(heartbeat):
-                    await client.wake.wait()
-            except TimeoutError:
+            if client.beat:
+                client.beat = False
+                client.last_sent = loop.time()
                 beat = {"type": "heartbeat", "cursor": client.cursor}
                 await websocket.send_text(orjson.dumps(beat).decode())
+                continue
+            client.wake.clear()
+            await client.wake.wait()
         code = client.close_code
         if code is not None and code > 0:  # not when the client itself went away
             # the cursor as of now: a send in flight when the client was ended has finished
             await websocket.close(code, client.close_reason.format(cursor=client.cursor))
 
+    def _check_heartbeats(self) -> None:
+        """Wakes the live clients that have been silent for `heartbeat` seconds (one scan here
+        instead of a timer per client and frame)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._heartbeats_checked < min(self._heartbeat / 4, 1.0):
+            return
+        self._heartbeats_checked = now
+        due = now - self._heartbeat
+        for clients in self._live.values():
+            for client in clients:
+                if client.last_sent <= due and not client.beat:
+                    client.beat = True
+                    client.wake.set()
+
     def _join_live(self, client: _Client) -> None:
         client.live = True
+        client.last_sent = asyncio.get_running_loop().time()
         self._live.setdefault(client.principal, set()).add(client)
 
     def _leave_live(self, client: _Client) -> None:
