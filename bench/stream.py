@@ -55,7 +55,8 @@ def serve(port: int, data_dir: str) -> None:
     from starlette.routing import Route, WebSocketRoute
     from starlette.websockets import WebSocket, WebSocketDisconnect
 
-    from inbox.stream import Principal, StreamHub
+    from inbox.access import Principal
+    from inbox.stream import StreamHub
     from infra.settings import load_settings
     from infra.store import open_event_store
 

@@ -50,14 +50,20 @@ class Principal:
 
 
 def can_work_on(
-    principal: Principal, *, assignee: str | None, offered_to: str | None, queue_skill: str | None
+    principal: Principal,
+    *,
+    assignee: str | None,
+    offered_to: str | None,
+    queue: str | None,
+    queue_skill: str | None,
 ) -> bool:
     """An agent's scope: assigned or offered to them, or unassigned in a queue they have the
-    skill for (a queue without a skill is everyone's)."""
+    skill for (a queue without a skill is everyone's). A conversation routing has not put in
+    a queue yet is the supervisors' (as on the live stream)."""
     if principal.sees_everything:
         return True
     if assignee is not None:
         return assignee == principal.agent_id
     if offered_to is not None and offered_to == principal.agent_id:
         return True
-    return queue_skill is None or queue_skill in principal.skills
+    return queue is not None and (queue_skill is None or queue_skill in principal.skills)

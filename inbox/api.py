@@ -128,7 +128,7 @@ def _forbidden_queues(ctx: ApiContext, principal: Principal) -> list[str]:
     return [
         q
         for q, skill in ctx.queue_skills().items()
-        if not can_work_on(principal, assignee=None, offered_to=None, queue_skill=skill)
+        if not can_work_on(principal, assignee=None, offered_to=None, queue=q, queue_skill=skill)
     ]
 
 
@@ -144,6 +144,7 @@ def _in_scope(ctx: ApiContext, principal: Principal, conversation_id: UUID) -> N
         principal,
         assignee=conversation.assignee,
         offered_to=conversation.offered_to,
+        queue=queue,
         queue_skill=None if queue is None else ctx.queue_skills().get(queue),
     )
     if not allowed:

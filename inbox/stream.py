@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from inbox.access import Principal
 from inbox.domain import ids
 from projections.base import Event
 from projections.runner import LogSource, decode, read_log
@@ -83,17 +84,6 @@ _BOOKKEEPING: Final = frozenset({"originator_topic", "timestamp", "class_version
 
 
 # --------------------------------------------------------------------------- who and what
-
-
-@dataclass(frozen=True)
-class Principal:
-    agent_id: str  # "admin" for the built-in admin token
-    role: str  # "admin" | "supervisor" | "agent" | "auditor"
-    skills: frozenset[str] = frozenset()
-
-    @property
-    def sees_all(self) -> bool:
-        return self.role in ("admin", "supervisor")
 
 
 Authenticate = Callable[[str], Awaitable[Principal | None]]
@@ -166,7 +156,7 @@ class Audience:
     agent: str | None = None  # a presence change: the agent whose presence it is
 
     def admits(self, principal: Principal, queue_skill: QueueSkill) -> bool:
-        if principal.sees_all:
+        if principal.sees_everything:
             return True
         if self.agent is not None:
             return principal.agent_id == self.agent
@@ -458,7 +448,7 @@ class StreamHub:
         slow: list[_Client] = []
         queue_skill = self._queue_skill
         for principal, clients in self._live.items():
-            if principal.sees_all or audience.admits(principal, queue_skill):
+            if principal.sees_everything or audience.admits(principal, queue_skill):
                 for client in clients:
                     if not client.push(cursor, text):
                         slow.append(client)

@@ -9,6 +9,7 @@ import logging
 import signal
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,11 +30,13 @@ from adapters.outbound import ChannelSender
 from adapters.senders import WhatsAppRouter
 from adapters.twilio_messaging import twilio_messaging_routes
 from adapters.twilio_out import TwilioSender
+from inbox.access import Principal
 from inbox.agents import Directory
 from inbox.api import ApiContext, create_app
 from inbox.commands import Commands, SurveyText
 from inbox.delivery import DeliveryService
 from inbox.distribution import Distributor
+from inbox.stream import ConversationScope, StreamHub
 from inbox.surveys import Surveys
 from inbox.worker import IngestWorker, WorkerConfig
 from infra.broker import EmbeddedBroker
@@ -41,6 +44,7 @@ from infra.kafka import app_topics, ensure_topics
 from infra.settings import Settings, chat_secret
 from infra.store import EventStore, open_event_store
 from projections.db import ReadModelDB, open_read_models
+from projections.directory import list_queues
 from projections.inbox_view import get_item
 from projections.replay import PROJECTIONS
 from projections.runner import ProjectionRunner
@@ -205,6 +209,64 @@ def build_http_app(
     )
 
 
+class QueueSkills:
+    """Queue name -> the skill it needs, from the directory view, re-read at most every
+    second (queues change rarely; the stream asks for every frame)."""
+
+    def __init__(self, db: ReadModelDB) -> None:
+        self.db = db
+        self._at = -1.0
+        self._skills: dict[str, str | None] = {}
+
+    def __call__(self, queue: str) -> str | None:
+        now = time.monotonic()
+        if now - self._at > 1.0:
+            self._skills = {q["name"]: q.get("skill") for q in list_queues(self.db)}
+            self._at = now
+        return self._skills.get(queue)
+
+
+def conversation_scope(db: ReadModelDB, conversation_id: str) -> ConversationScope | None:
+    with db.read() as tx:
+        item = get_item(tx, conversation_id)
+    if item is None:
+        return None
+    return ConversationScope(
+        queue=item["queue"],
+        assignee=item["assignee"],
+        offered_to=item["offered_to"],
+        status=item["status"],
+    )
+
+
+def build_stream_hub(parts: Parts) -> StreamHub:
+    directory = build_directory(parts)
+
+    async def authenticate(token: str) -> Principal | None:
+        return await asyncio.to_thread(directory.authenticate, token)
+
+    async def gone(agent_id: str) -> None:
+        """Disconnected past the grace period: an available agent becomes away (routing
+        stops offering them work)."""
+        agent = await asyncio.to_thread(directory.agent, agent_id)
+        if agent is not None and agent.presence == "available":
+            await asyncio.to_thread(
+                directory.set_presence,
+                agent_id,
+                "away",
+                reason="stream disconnected",
+                actor=agent_id,
+            )
+
+    return StreamHub(
+        parts.store,
+        authenticate=authenticate,
+        queue_skill=QueueSkills(parts.read_models),
+        lookup=lambda conversation: conversation_scope(parts.read_models, conversation),
+        on_gone=gone,
+    )
+
+
 def build_smtp_server(settings: Settings, publisher: KafkaPublisher) -> SmtpServer:
     tls: ssl.SSLContext | None = None
     if settings.smtp_tls_cert:
@@ -303,6 +365,9 @@ def _banner(settings: Settings, parts_started: list[str], say: Callable[[str], N
         say(
             f"  web chat          ws://{settings.http_host}:{settings.http_port}/chat/ws?visitor=ID"
         )
+        say(
+            f"  agents' stream    ws://{settings.http_host}:{settings.http_port}/api/v1/stream?token=T"
+        )
         say(f"  webhooks          {public}/twilio/messaging  {public}/webhooks/meta")
     if "SMTP" in parts_started:
         domains = ", ".join(settings.email_domains)
@@ -377,8 +442,14 @@ async def run(
                     running.push_async_callback(close)
             if http:
                 assert channels is not None
+                hub = build_stream_hub(parts)
+                wakers.append(hub.nudge)
+                tasks.append(asyncio.create_task(hub.run(stop), name="stream"))
                 app = build_http_app(
-                    parts, channels.routes, stored=stored, survey_text=channels.surveys.text
+                    parts,
+                    [*channels.routes, *hub.routes()],
+                    stored=stored,
+                    survey_text=channels.surveys.text,
                 )
                 tasks.append(asyncio.create_task(_serve_http(app, settings, stop), name="http"))
                 started.append("HTTP")

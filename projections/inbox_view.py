@@ -823,7 +823,8 @@ def list_conversations(
     merged customer's conversations show under the customer it was merged into. `next` is an
     opaque cursor for the following page, None on the last. `scope` (agent, queues they lack
     the skill for) limits an agent to what is assigned or offered to them and the unassigned
-    conversations of the other queues. Raises QueryError on bad input."""
+    conversations of the other queues (not of no queue: routing has not reached those yet).
+    Raises QueryError on bad input."""
     if not 1 <= limit <= MAX_LIMIT:
         raise QueryError(f"limit must be from 1 to {MAX_LIMIT}")
     statuses = _statuses(status)
@@ -859,10 +860,13 @@ def list_conversations(
                 marks = ",".join("?" * len(forbidden))
                 where.append(
                     "(c.assignee=? OR c.offered_to=? OR (c.assignee IS NULL AND "
-                    f"(c.queue IS NULL OR c.queue NOT IN ({marks}))))"
+                    f"c.queue IS NOT NULL AND c.queue NOT IN ({marks})))"
                 )
             else:
-                where.append("(c.assignee=? OR c.offered_to=? OR c.assignee IS NULL)")
+                where.append(
+                    "(c.assignee=? OR c.offered_to=? OR "
+                    "(c.assignee IS NULL AND c.queue IS NOT NULL))"
+                )
             params.extend([agent, agent, *forbidden])
         if after is not None:
             where.append("(c.updated_at < ? OR (c.updated_at = ? AND c.id < ?))")

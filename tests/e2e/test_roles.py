@@ -9,7 +9,9 @@ import asyncio
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+import websockets
 
 from tests.e2e.conftest import Stack, listed
 from tests.support import contact_event, produce
@@ -179,3 +181,41 @@ async def test_two_agents_claiming_at_once_one_gets_409(stack: Stack) -> None:
     # the loser sees 409 (state conflict), or 403 when it read the winner's assignment first
     assert codes[0] == 200, [r.text for r in results]
     assert codes[1] in (403, 409), [r.text for r in results]
+
+
+async def test_the_stream_brings_the_offer_and_a_resume_brings_what_was_missed(
+    stack: Stack,
+) -> None:
+    ann = await _agent(stack, "ann", "agent", capacity={"chat": 1})
+    port = stack.settings.http_port
+    url = f"ws://127.0.0.1:{port}/api/v1/stream?token={ann}"
+    async with websockets.connect(url) as socket:
+        hello = orjson.loads(await socket.recv())
+        assert hello["type"] == "hello"
+        await _call(stack, "PUT", "/api/v1/agents/me/presence", {"status": "available"}, ann)
+        assert stack.settings.kafka_bootstrap is not None
+        await produce(
+            stack.settings.kafka_bootstrap,
+            stack.settings.contact_events_topic,
+            [contact_event("chat-s", channel="chat", customer={"visitor": "v-s"})],
+        )
+        frames: list[dict[str, Any]] = []
+        while not any(f["type"] == "offer" for f in frames):
+            frame = orjson.loads(await asyncio.wait_for(socket.recv(), 20))
+            if frame["type"] != "heartbeat":
+                frames.append(frame)
+    offer = next(f for f in frames if f["type"] == "offer")
+    assert offer["agent"] == "ann" or offer["data"].get("agent") == "ann"
+    cursors = [f["cursor"] for f in frames]
+    assert cursors == sorted(set(cursors))  # in order, none twice
+
+    cid = offer["conversation"]
+    await _call(stack, "POST", f"/api/v1/conversations/{cid}/accept", None, ann)
+    async with websockets.connect(f"{url}&after={cursors[-1]}") as socket:
+        missed: list[dict[str, Any]] = []
+        while not any(f["type"] == "assignment" for f in missed):
+            frame = orjson.loads(await asyncio.wait_for(socket.recv(), 20))
+            if frame["type"] not in ("hello", "heartbeat"):
+                missed.append(frame)
+    assert all(f["cursor"] > cursors[-1] for f in missed)
+    assert missed[-1]["conversation"] == cid

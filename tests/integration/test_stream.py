@@ -17,9 +17,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from inbox.access import Principal
 from inbox.domain.agent import Agent
 from inbox.domain.conversation import Conversation
-from inbox.stream import TYPES, ConversationScope, Principal, StreamHub
+from inbox.stream import TYPES, ConversationScope, StreamHub
 from infra.broker import free_port
 from infra.store import EventStore, open_event_store
 from projections.runner import event_name

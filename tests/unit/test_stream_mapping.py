@@ -10,13 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from inbox.access import Principal
 from inbox.domain.conversation import Conversation
 from inbox.domain.errors import ConversationStateError
 from inbox.stream import (
     TYPES,
     Audience,
     ConversationScope,
-    Principal,
     admits,
     message_of,
     next_scope,
