@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -185,6 +187,9 @@ class InboxView:
         tx.execute(f"CREATE INDEX IF NOT EXISTS {conv}_updated ON {conv} (updated_at, id)")
         tx.execute(f"CREATE INDEX IF NOT EXISTS {conv}_status ON {conv} (status, updated_at, id)")
         tx.execute(f"CREATE INDEX IF NOT EXISTS {conv}_owner ON {conv} (owner_id, opened_at)")
+        tx.execute(
+            f"CREATE INDEX IF NOT EXISTS {conv}_queue ON {conv} (queue, status, updated_at, id)"
+        )
         tx.execute(f"CREATE INDEX IF NOT EXISTS {claims}_key ON {claims} (key)")
 
     def __init__(self, cache_limit: int = 500_000) -> None:
@@ -682,6 +687,10 @@ class _Batch:
             self.dirty_claims.add(e.originator_id)
 
 
+def _recency(row: tuple[Any, ...]) -> tuple[str, str]:
+    return row[UPDATED_AT], row[0]
+
+
 def _when(at: str | None) -> datetime | None:
     return None if at is None else parse_iso(at)
 
@@ -836,9 +845,6 @@ def list_conversations(
         conv_table, cust_table, _ = tables
         where: list[str] = []
         params: list[Any] = []
-        if statuses is not None:
-            where.append(f"c.status IN ({','.join('?' * len(statuses))})")
-            params.extend(statuses)
         if assignee is not None:
             where.append("c.assignee=?")
             params.append(assignee)
@@ -875,11 +881,21 @@ def list_conversations(
             f"SELECT {_ITEM_COLUMNS} FROM {conv_table} c "
             f"LEFT JOIN {cust_table} cu ON cu.id = c.owner_id"
         )
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
-        params.append(limit + 1)
-        rows = tx.execute(sql, params).fetchall()
+        order = " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
+        if statuses is None:
+            clause = " WHERE " + " AND ".join(where) if where else ""
+            rows = tx.execute(sql + clause + order, [*params, limit + 1]).fetchall()
+        else:
+            # One ordered, limited query per status, merged here: `status IN (...)` with the
+            # ORDER BY made the database sort every open row (800 ms at 100,000); each of
+            # these walks the (status, updated_at, id) index and stops after limit + 1.
+            pages = []
+            for status in statuses:
+                clause = " WHERE " + " AND ".join(["c.status=?", *where])
+                found = tx.execute(sql + clause + order, [status, *params, limit + 1]).fetchall()
+                pages.append(found)
+            by_recency = heapq.merge(*pages, key=_recency, reverse=True)
+            rows = list(itertools.islice(by_recency, limit + 1))
     items = [_item(row) for row in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:

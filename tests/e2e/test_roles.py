@@ -156,7 +156,12 @@ async def test_routing_offers_a_chat_and_one_agent_wins_it(stack: Stack) -> None
     assert late.status_code == 403  # assigned to ann: outside bob's scope now
     assert (await _call(stack, "GET", f"/api/v1/conversations/{cid}", None, bob)).status_code == 403
 
-    mine = (await _call(stack, "GET", "/api/v1/conversations", None, ann)).json()["items"]
+    # the list is a projection: wait until it shows the assignment, then compare
+    for _ in range(400):
+        mine = (await _call(stack, "GET", "/api/v1/conversations", None, ann)).json()["items"]
+        if [i["assignee"] for i in mine] == ["ann"]:
+            break
+        await asyncio.sleep(0.05)
     assert [i["id"] for i in mine] == [cid]
     theirs = (await _call(stack, "GET", "/api/v1/conversations", None, bob)).json()["items"]
     assert theirs == []
