@@ -24,6 +24,7 @@ from inbox.domain.errors import DomainError
 from inbox.domain.queue import Queue
 from inbox.domain.sla import SlaPolicy, SlaPolicyError
 from inbox.domain.time import Clock, iso, system_clock
+from inbox.identity import InvalidIdentity, normalise_phone
 from inbox.ports import EventStorePort
 
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -78,9 +79,16 @@ def agent_profile(data: Mapping[str, Any]) -> dict[str, Any]:
         check_profile(str(role), capacity)
     except AgentError as exc:
         raise InvalidSpec(str(exc)) from None
+    voice_to = _optional_string(data, "voice_to")
+    if voice_to is not None and not voice_to.startswith(("client:", "sip:")):
+        try:
+            voice_to = normalise_phone(voice_to)
+        except InvalidIdentity:
+            raise InvalidSpec("voice_to must be an E.164 number, client:NAME or sip:...") from None
     return {
         "name": name.strip(),
         "role": role,
+        "voice_to": voice_to,
         "skills": _strings(data, "skills"),
         "languages": [lang.lower() for lang in _strings(data, "languages")],
         "capacity": {k: int(v) for k, v in sorted(capacity.items())},

@@ -882,7 +882,11 @@ def list_conversations(
             f"LEFT JOIN {cust_table} cu ON cu.id = c.owner_id"
         )
         order = " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
-        if statuses is None:
+        if statuses is None or customer is not None:
+            # one customer's conversations are few: the owner index finds them all
+            if statuses is not None:
+                where.append(f"c.status IN ({','.join('?' * len(statuses))})")
+                params.extend(statuses)
             clause = " WHERE " + " AND ".join(where) if where else ""
             rows = tx.execute(sql + clause + order, [*params, limit + 1]).fetchall()
         else:

@@ -22,31 +22,45 @@ class AgentError(DomainError):
 
 class Agent(DomainAggregate):
     class Registered(Aggregate.Created):
-        class_version = 1
+        """`voice_to`: where calls for this agent ring: an E.164 number, `client:NAME` (a
+        Twilio Client) or `sip:...`; None: the agent takes no calls."""
+
+        class_version = 2
         agent_id: str
         name: str
         role: str
         skills: list[str]
         languages: list[str]
         capacity: dict[str, int]
+        voice_to: str | None
         token_hash: str
         actor: str
         at: str
 
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["voice_to"] = None
+
     class ProfileChanged(Aggregate.Event):
-        class_version = 1
+        class_version = 2
         name: str
         role: str
         skills: list[str]
         languages: list[str]
         capacity: dict[str, int]
+        voice_to: str | None
         actor: str
         at: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["voice_to"] = None
 
         def apply(self, aggregate: Any) -> None:
             aggregate.name, aggregate.role = self.name, self.role
             aggregate.skills, aggregate.languages = list(self.skills), list(self.languages)
             aggregate.capacity = dict(self.capacity)
+            aggregate.voice_to = self.voice_to
 
     class TokenReplaced(Aggregate.Event):
         class_version = 1
@@ -82,11 +96,13 @@ class Agent(DomainAggregate):
         skills: list[str],
         languages: list[str],
         capacity: dict[str, int],
+        voice_to: str | None,
         token_hash: str,
         actor: str,
         at: str,
     ) -> None:
         self.agent_id = agent_id
+        self.voice_to = voice_to
         self.name = name
         self.role = role
         self.skills = list(skills)

@@ -11,6 +11,8 @@ import pytest
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
 
+from inbox.domain import ids
+from inbox.domain.agent import Agent
 from inbox.domain.conversation import Conversation
 from infra.store import EventStore, open_event_store
 from projections import timeline
@@ -155,3 +157,37 @@ def test_a_version_1_delivery_status_is_read_as_version_2(
     deliveries = [e for e in detail["timeline"] if e["kind"] == "delivery"]
     assert [e["data"].get("status") for e in deliveries] == ["sent", "sent", "delivered"]
     read_models.close()
+
+
+def test_a_version_1_agent_is_read_with_no_voice_endpoint(store: EventStore) -> None:
+    agent_id = ids.agent_id("ann")
+    v1_registered: dict[str, Any] = {
+        "timestamp": "2026-11-27T09:00:00+00:00",
+        "originator_topic": get_topic(Agent),
+        "agent_id": "ann",
+        "name": "Ann",
+        "role": "agent",
+        "skills": ["billing"],
+        "languages": ["en"],
+        "capacity": {"voice": 1},
+        "token_hash": "0" * 64,
+        "actor": "admin",
+        "at": "2026-11-27T09:00:00.000000Z",
+    }
+    v1_changed = {
+        **{k: v for k, v in v1_registered.items() if k not in ("originator_topic", "agent_id")},
+        "token_hash": None,
+        "name": "Ann B.",
+    }
+    del v1_changed["token_hash"]
+    store.recorder.insert_events(
+        [
+            StoredEvent(agent_id, 1, get_topic(Agent.Registered), orjson.dumps(v1_registered)),
+            StoredEvent(agent_id, 2, get_topic(Agent.ProfileChanged), orjson.dumps(v1_changed)),
+        ]
+    )
+    agent = store.get(agent_id)
+    assert isinstance(agent, Agent)
+    assert agent.voice_to is None
+    assert agent.name == "Ann B."
+    assert agent.skills == ["billing"]
