@@ -62,6 +62,8 @@ HANDLES = frozenset(
         "Conversation.Reopened",
         "Conversation.SlaWarned",
         "Conversation.SlaBreached",
+        "Callback.Requested",
+        "Callback.Failed",
     }
 )
 MAX_PRIORITY = 9
@@ -91,6 +93,7 @@ class ConversationState:
     waiting_since: str | None = None
     cycle_started_at: str = ""
     first_response_at: str | None = None
+    callback_calls: set[str] = field(default_factory=set)  # calls that asked for a callback
     # SLA (kind, due_at) already recorded as warned / breached in this cycle
     warned: set[tuple[str, str]] = field(default_factory=set)
     breached: set[tuple[str, str]] = field(default_factory=set)
@@ -135,6 +138,9 @@ class Distributor:
         self.agent_ids: dict[str, str] = {}  # aggregate id -> agent id
         self.queue_names: dict[str, str] = {}  # aggregate id -> queue name
         self._wanted_queue: dict[str, tuple[str, str]] = {}
+        self._wanted_priority: dict[str, int] = {}  # the IVR's priority for a queued call
+        self.calls: dict[str, str] = {}  # call sid -> conversation id
+        self.callbacks: dict[str, str] = {}  # callback id -> conversation id
         self._implicit: set[str] = set()
         # offers the router withdrew when their agent left: recorded as lapsed
         self._withdrawn: list[tuple[str, str]] = []
@@ -168,6 +174,14 @@ class Distributor:
             self._queue_event(e.originator_id, s)
         elif name == "Customer.VipChanged":
             (self.vips.add if s["vip"] else self.vips.discard)(e.originator_id)
+        elif name == "Callback.Requested":
+            self.callbacks[e.originator_id] = s["conversation_id"]
+        elif name == "Callback.Failed":
+            # every attempt failed: the customer no longer waits for us
+            failed = self.convs.get(self.callbacks.get(e.originator_id, ""))
+            if failed is not None and failed.assignee is None:
+                failed.waiting_since = None
+                self.router.withdraw(self.callbacks[e.originator_id])
         else:
             self._conversation_event(name, e.originator_id, s)
 
@@ -238,12 +252,23 @@ class Distributor:
                 self._customer_waits(cid, c, at, s.get("via"), s.get("text") or "")
         elif short == "ActivityRecorded":
             activity = s["activity"]
+            data = s.get("data") or {}
+            call_sid = data.get("call_sid")
             if activity in _WAITING_ACTIVITIES:
                 c.channel = s["channel"]
-                queue = (s.get("data") or {}).get("queue") if activity == "call.queued" else None
-                self._customer_waits(cid, c, at, None, "", queue=queue)
+                queue = priority = None
+                if activity == "call.queued":
+                    queue, priority = data.get("queue"), data.get("priority")
+                    if call_sid:
+                        self.calls[call_sid] = cid
+                self._customer_waits(cid, c, at, None, "", queue=queue, priority=priority)
             elif activity == "call.answered":
                 c.waiting_since = None
+            elif activity == "callback.requested" and call_sid:
+                # virtual hold: the caller hangs up but keeps their place in the queue
+                c.callback_calls.add(call_sid)
+            elif activity in _ENDED_ACTIVITIES and call_sid in c.callback_calls:
+                pass  # the end of a call whose caller asked to be called back
             elif activity in _ENDED_ACTIVITIES and c.assignee is None:
                 c.waiting_since = None
                 self.router.withdraw(cid)
@@ -321,6 +346,7 @@ class Distributor:
         text: str,
         *,
         queue: str | None = None,
+        priority: int | None = None,
     ) -> None:
         if c.status == RESOLVED:
             c.status = "open"  # the Reopened event came first; kept in step anyway
@@ -329,6 +355,8 @@ class Distributor:
         if queue is not None and queue != c.queue:
             self._to_queue.add(cid)
             self._wanted_queue[cid] = (queue, "IVR choice")
+            if priority is not None:
+                self._wanted_priority[cid] = int(priority)
         elif c.queue is None:
             self._to_queue.add(cid)
             self._wanted_queue[cid] = self._route_to(via, text, c.channel)
@@ -477,7 +505,7 @@ class Distributor:
             if c is None or wanted is None or c.status == RESOLVED:
                 continue
             queue, reason = wanted
-            priority = self._priority_for(queue, c)
+            priority = max(self._priority_for(queue, c), self._wanted_priority.pop(cid, 0))
 
             def act(
                 conversation: Conversation,

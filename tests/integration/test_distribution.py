@@ -276,3 +276,59 @@ def test_a_restarted_distributor_neither_forgets_nor_doubles(center: Center) -> 
     second = center.contact("c2", channel="chat", visitor="v2")
     again.step()
     assert center.conversation(second.id).offered_to == "ann"  # its capacity is 2
+
+
+def _call(center: Center, step: str, type: str, **payload: Any) -> Conversation:
+    return center.contact(
+        f"CA1:{step}",
+        channel="voice",
+        email="caller@example.com",
+        type=type,
+        payload={"call_sid": "CA1", **payload},
+    )
+
+
+def test_a_queued_call_enters_the_ivr_queue_with_its_priority_and_is_offered(
+    center: Center,
+) -> None:
+    center.queue("tech", skill="tech")
+    center.agent("ann", skills=["tech"], capacity={"voice": 1})
+    center.agent("bob", capacity={"voice": 1})  # no tech skill
+    _call(center, "start", "call.started", to="+15005550006")
+    call = _call(center, "queued", "call.queued", queue="tech", priority=1)
+    distributor = center.distributor()
+    distributor.step()
+    conversation = center.conversation(call.id)
+    assert conversation.queue == "tech"
+    assert conversation.priority == 1
+    assert conversation.offered_to == "ann"
+    assert distributor.calls["CA1"] == str(call.id)
+
+
+def test_a_callback_keeps_the_callers_place_after_they_hang_up(center: Center) -> None:
+    _call(center, "start", "call.started", to="+15005550006")
+    call = _call(center, "queued", "call.queued", queue="tech", priority=0)
+    distributor = center.distributor()
+    distributor.step()
+    center.clock.advance(60)
+    _call(center, "callback", "callback.requested", queue="tech", number="+14155550123")
+    _call(center, "abandoned", "call.abandoned", queue="tech", queue_seconds=60)
+    distributor.step()
+    assert distributor.router.position(str(call.id)) == 1  # still waiting, first in line
+
+    center.agent("ann", capacity={"voice": 1})
+    distributor.step()
+    assert center.conversation(call.id).offered_to == "ann"
+
+
+def test_a_caller_who_hangs_up_in_the_queue_stops_waiting(center: Center) -> None:
+    _call(center, "start", "call.started", to="+15005550006")
+    call = _call(center, "queued", "call.queued", queue="tech", priority=0)
+    distributor = center.distributor()
+    distributor.step()
+    _call(center, "abandoned", "call.abandoned", queue="tech", queue_seconds=30)
+    distributor.step()
+    assert distributor.router.position(str(call.id)) is None
+    center.agent("ann", capacity={"voice": 1})
+    distributor.step()
+    assert center.conversation(call.id).offered_to is None
