@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -151,6 +152,15 @@ def _in_scope(ctx: ApiContext, principal: Principal, conversation_id: UUID) -> N
         raise ApiError(403, "forbidden", "the conversation is not yours or your queues'")
 
 
+def _timestamp(text: str, what: str) -> datetime:
+    """An ISO 8601 instant; one without a zone is UTC."""
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(422, "invalid", f"{what} must be an ISO 8601 timestamp") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
 def _uuid(text: str, what: str) -> UUID:
     try:
         return UUID(text)
@@ -216,9 +226,19 @@ async def list_conversations(request: Request) -> Response:
 
 
 async def get_conversation(request: Request) -> Response:
-    principal = await _authenticate(request, "conversations.read")
+    as_of = request.query_params.get("as_of")
+    # the past of a conversation is audit history: auditors' and supervisors', not agents'
+    principal = await _authenticate(
+        request, "conversations.read" if as_of is None else "conversations.audit"
+    )
     conversation_id = _uuid(request.path_params["id"], "conversation")
     ctx = _context(request)
+    if as_of is not None:
+        at = _timestamp(as_of, "as_of")
+        past = await _off_loop(audit.conversation_as_of, ctx.store, conversation_id, at)
+        if past is None:
+            raise ApiError(404, "not_found", f"no conversation {conversation_id} at {as_of}")
+        return JSONResponse(past)
     await _off_loop(_in_scope, ctx, principal, conversation_id)
     item = await _off_loop(timeline.get_conversation, ctx.read_models, str(conversation_id))
     if item is None:

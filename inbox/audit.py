@@ -3,11 +3,14 @@ it, when, and the contact event (and Kafka position) it came from."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from functools import reduce
 from typing import Any
 from uuid import UUID
 
 from inbox.domain.time import iso
 from infra.store import EventStore
+from projections.timeline import entry_for
 
 _FROM_CUSTOMER = ("MessageReceived", "ActivityRecorded", "CsatSubmitted", "Opened")
 _BASE_FIELDS = ("originator_id", "originator_version", "timestamp", "originator_topic")
@@ -75,3 +78,46 @@ def customer_history(store: EventStore, customer_id: UUID) -> list[dict[str, Any
         entries.extend(history(store, UUID(conversation)))
     entries.sort(key=lambda e: (e["timestamp"], e["aggregate_id"], e["version"]))
     return entries
+
+
+def conversation_as_of(
+    store: EventStore, conversation_id: UUID, as_of: datetime
+) -> dict[str, Any] | None:
+    """The conversation as it stood at `as_of`: its state rebuilt from the events recorded
+    up to then, and the timeline they made. None when it did not exist yet."""
+    events = [e for e in store.events_of(conversation_id) if e.timestamp <= as_of]
+    if not events or type(events[0]).__qualname__ != "Conversation.Opened":
+        return None
+    conversation: Any = reduce(lambda aggregate, event: event.mutate(aggregate), events, None)
+    timeline = []
+    for event in events:
+        state = {k: v for k, v in vars(event).items() if k not in _BASE_FIELDS}
+        name = type(event).__qualname__.split(".")[-1]
+        kind, direction, data = entry_for(name, state)
+        timeline.append(
+            {
+                "version": event.originator_version,
+                "event": name,
+                "kind": kind,
+                "direction": direction,
+                "channel": state.get("channel"),
+                "at": state.get("at"),
+                "text": state.get("text"),
+                "source_event_id": state.get("source_event_id"),
+                "actor": _actor(name, state),
+                "data": data,
+            }
+        )
+    return {
+        "id": str(conversation_id),
+        "as_of": iso(as_of),
+        "version": conversation.version,
+        "customer_id": conversation.customer_id,
+        "status": conversation.status,
+        "assignee": conversation.assignee,
+        "queue": conversation.queue,
+        "priority": conversation.priority,
+        "escalated": conversation.escalated,
+        "waiting_since": conversation.waiting_since,
+        "timeline": timeline,
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from tests.e2e.conftest import Stack, listed
@@ -134,3 +135,33 @@ async def test_merge_and_unmerge_customers_while_the_worker_runs(stack: Stack) -
     ] == "m-sms-3"
     by_key = (await stack.get("/api/v1/conversations", customer="phone:+14155550111")).json()
     assert [i["id"] for i in by_key["items"]] == [phone_conv]
+
+
+async def test_a_conversation_as_it_was_at_an_earlier_time(stack: Stack) -> None:
+    await _send(stack, contact_event("h1", customer={"phone": "+14155550177"}))
+    (item,) = await listed(stack, 1)
+    cid = item["id"]
+    before = datetime.now(UTC)
+    await asyncio.sleep(0.01)  # so the instant separates what came before from the note
+    assert (
+        await stack.post(f"/api/v1/conversations/{cid}/notes", {"text": "n"})
+    ).status_code == 201
+    assert (await stack.post(f"/api/v1/conversations/{cid}/resolve")).status_code == 200
+
+    then = (await stack.get(f"/api/v1/conversations/{cid}", as_of=before.isoformat())).json()
+    assert then["status"] == "open"
+    events = [e["event"] for e in then["timeline"]]
+    assert events[:2] == ["Opened", "MessageReceived"]
+    assert "NoteAdded" not in events
+    assert "Resolved" not in events
+
+    now = (
+        await stack.get(f"/api/v1/conversations/{cid}", as_of=datetime.now(UTC).isoformat())
+    ).json()
+    assert now["status"] == "resolved"
+    assert "NoteAdded" in [e["event"] for e in now["timeline"]]
+
+    too_early = await stack.get(f"/api/v1/conversations/{cid}", as_of="2000-01-01T00:00:00Z")
+    assert too_early.status_code == 404
+    bad = await stack.get(f"/api/v1/conversations/{cid}", as_of="yesterday")
+    assert bad.status_code == 422

@@ -33,6 +33,12 @@ ENDPOINTS: list[tuple[str, str, Any, frozenset[str]]] = [
     ("GET", f"/api/v1/conversations/{UNKNOWN}", None, frozenset({"admin", "supervisor", "agent"})),
     (
         "GET",
+        f"/api/v1/conversations/{UNKNOWN}?as_of=2026-11-27T10:00:00Z",
+        None,
+        frozenset({"admin", "supervisor", "auditor"}),
+    ),
+    (
+        "GET",
         f"/api/v1/conversations/{UNKNOWN}/events",
         None,
         frozenset({"admin", "supervisor", "auditor"}),
