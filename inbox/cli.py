@@ -29,7 +29,37 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--conversation", type=UUID)
     which.add_argument("--customer", type=UUID)
     audit.add_argument("--format", choices=["table", "jsonl"], default="table")
+    forget = sub.add_parser("forget", help="erase a customer's personal data (kept replayable)")
+    forget.add_argument("--customer", type=UUID, required=True)
+    forget.add_argument("--actor", default="cli", help="who asked (recorded with the erasure)")
     return parser
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from inbox.forget import forget_customer
+    from infra.settings import load_settings
+    from infra.store import open_event_store
+    from projections.db import open_read_models
+
+    settings = load_settings()
+    store = open_event_store(settings)
+    db = open_read_models(settings)
+    try:
+        erasure = forget_customer(
+            store, args.customer, actor=args.actor, data_dir=settings.data_dir, read_models=db
+        )
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+        store.close()
+    print(
+        f"customer {erasure.customer_id} forgotten: {erasure.events_rewritten} events in "
+        f"{erasure.aggregates} aggregates rewritten, {erasure.attachments_deleted} attachments "
+        f"deleted, {len(erasure.conversations)} conversations; recorded as Customer.Forgotten"
+    )
+    return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -78,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.command == "audit":
         return _audit(args)
+    if args.command == "forget":
+        return _forget(args)
 
     from infra.settings import load_settings
 

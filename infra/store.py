@@ -4,7 +4,7 @@ events and the Kafka position they came from."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, cast
@@ -318,6 +318,46 @@ class EventStore:
 
     def existing_ids(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
         return self.ingest.existing_ids(aggregate_ids) if aggregate_ids else set()
+
+    def rewrite(self, aggregate_id: UUID, change: Callable[[dict[str, Any]], bool]) -> int:
+        """Changes the stored state of an aggregate's events in place, in one transaction;
+        `change` edits a decoded state and says whether it changed it. Only for erasing
+        personal data (`inbox forget`): events are otherwise never rewritten. Returns how
+        many events changed."""
+        table = self.recorder.events_table_name  # type: ignore[attr-defined]
+        changed = 0
+        if isinstance(self.datastore, PostgresDatastore):
+            with self.datastore.transaction(commit=True) as curs:
+                curs.execute(
+                    f"SELECT originator_version, state FROM {table} WHERE originator_id = %s",
+                    (aggregate_id,),
+                )
+                for row in curs.fetchall():  # dict rows (eventsourcing's row factory)
+                    version, decoded = row["originator_version"], orjson.loads(row["state"])
+                    if change(decoded):
+                        curs.execute(
+                            f"UPDATE {table} SET state = %s "
+                            "WHERE originator_id = %s AND originator_version = %s",
+                            (orjson.dumps(decoded), aggregate_id, version),
+                        )
+                        changed += 1
+            return changed
+        with self.datastore.transaction(commit=True) as c:
+            cursor = c.sqlite_cursor
+            oid = aggregate_id.hex
+            cursor.execute(
+                f"SELECT originator_version, state FROM {table} WHERE originator_id = ?", (oid,)
+            )
+            for version, state in cursor.fetchall():
+                decoded = orjson.loads(state)
+                if change(decoded):
+                    cursor.execute(
+                        f"UPDATE {table} SET state = ? "
+                        "WHERE originator_id = ? AND originator_version = ?",
+                        (orjson.dumps(decoded), oid, version),
+                    )
+                    changed += 1
+        return changed
 
     def close(self) -> None:
         self.datastore.close()

@@ -147,6 +147,7 @@ class InboxView:
             "Customer.Restored",
             "IdentityClaim.Claimed",
             "IdentityClaim.Reassigned",
+            "Customer.Forgotten",
         }
     )
 
@@ -279,6 +280,7 @@ class _Batch:
             "Customer.Restored": self.restored,
             "IdentityClaim.Claimed": self.claimed,
             "IdentityClaim.Reassigned": self.reassigned,
+            "Customer.Forgotten": self.forgotten,
         }
 
     # -- loading and writing ------------------------------------------------------------
@@ -631,6 +633,22 @@ class _Batch:
         cust = self._customer_event(e)
         if cust is not None:
             cust["name"] = e.state["name"]
+
+    def forgotten(self, e: Event) -> None:
+        """A customer's personal data was erased: so is what the inbox shows of it."""
+        cust = self._customer_event(e)
+        if cust is not None:
+            cust["name"] = None
+            cust["identities"] = list(e.state["identities"])
+        for conv_id in e.state["conversations"]:
+            row = self._conv(conv_id)
+            if row is not None and row[LAST_TEXT]:
+                row[LAST_TEXT] = "[forgotten]"
+                self.dirty_convs.add(conv_id)
+        self.tx.execute(f"DELETE FROM {self.claim_table} WHERE customer_id=?", (e.originator_id,))
+        for claim_id in [k for k, c in self.claims.items() if c["customer_id"] == e.originator_id]:
+            del self.claims[claim_id]
+            self.dirty_claims.discard(claim_id)
 
     def _move_conversations(self, conversation_ids: Iterable[str], owner: str) -> None:
         for conv_id in conversation_ids:

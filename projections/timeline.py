@@ -118,6 +118,7 @@ class Timeline:
             "Conversation.OfferLapsed",
             "Conversation.SlaWarned",
             "Conversation.SlaBreached",
+            "Customer.Forgotten",
         }
     )
 
@@ -144,10 +145,16 @@ class Timeline:
         """Nothing kept in memory."""
 
     def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         dumps = orjson.dumps
+        (entries,) = self.tables(generation)
         for e in events:
             s = e.state
+            if e.name == "Customer.Forgotten":
+                self._insert(tx, entries, rows)
+                rows = []
+                _forget(tx, entries, s["conversations"])
+                continue
             short = e.name.partition(".")[2]
             kind, direction, data = entry_for(short, s)
             rows.append(
@@ -166,12 +173,43 @@ class Timeline:
                     dumps(data).decode(),
                 )
             )
-        (entries,) = self.tables(generation)
-        tx.executemany(
-            f"INSERT INTO {entries} ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-            rows,
+        self._insert(tx, entries, rows)
+
+    @staticmethod
+    def _insert(tx: Tx, entries: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            tx.executemany(
+                f"INSERT INTO {entries} ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+                rows,
+            )
+
+
+# What an erasure (`inbox forget`) blanks in entries already written.
+_PERSONAL = ("subject", "html", "comment", "error", "name", "number", "thread_ref")
+
+
+def _forget(tx: Tx, entries: str, conversations: Sequence[str]) -> None:
+    for conversation_id in conversations:
+        tx.execute(
+            f"SELECT version, data FROM {entries} WHERE conversation_id=?", (conversation_id,)
         )
+        for version, raw in tx.fetchall():
+            data = orjson.loads(raw)
+            for name in _PERSONAL:
+                if isinstance(data.get(name), str) and data[name]:
+                    data[name] = "[forgotten]"
+            if data.get("attachments"):
+                data["attachments"] = [
+                    {**a, "name": "[forgotten]", "ref": None} for a in data["attachments"]
+                ]
+            if "in_reply_to" in data:
+                data["in_reply_to"] = []
+            tx.execute(
+                f"UPDATE {entries} SET data=?, text=CASE WHEN text IS NULL OR text='' THEN text "
+                "ELSE '[forgotten]' END WHERE conversation_id=? AND version=?",
+                (orjson.dumps(data).decode(), conversation_id, version),
+            )
 
 
 def timeline_of(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:

@@ -150,6 +150,23 @@ class Customer(DomainAggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate.vip = self.vip
 
+    class Forgotten(Aggregate.Event):
+        """Personal data erased (a subject's request): the customer's and their conversations'
+        events were rewritten with placeholders; `identities` are the pseudonyms that replaced
+        the identity keys (so merges and claims still replay); `conversations` the ones it
+        touched, for the projections to erase what they show."""
+
+        class_version = 1
+        identities: list[str]
+        conversations: list[str]
+        actor: str
+        at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.name = None
+            aggregate.identities = list(self.identities)
+            aggregate.forgotten = True
+
     @staticmethod
     def create_id(identities: list[str]) -> UUID:
         return ids.customer_id(identities[0])
@@ -160,6 +177,7 @@ class Customer(DomainAggregate):
         self.conversations: list[str] = []
         self.merged_into: str | None = None
         self.vip = False
+        self.forgotten = False
         # other customer id -> (identities, conversations) it brought, so a merge can be undone.
         self.absorbed: dict[str, tuple[list[str], list[str]]] = {}
 

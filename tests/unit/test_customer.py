@@ -529,7 +529,7 @@ def test_every_event_carries_a_class_version() -> None:
         and issubclass(value, aggregate.Event)
         and name not in ("Event", "Created")
     ]
-    assert len(kinds) == 11
+    assert len(kinds) == 12
     versions = {kind.__qualname__: getattr(kind, "class_version", None) for kind in kinds}
     assert versions.pop("Customer.IdentityAdded") == 2  # reason added; v1 is upcast
     assert set(versions.values()) == {1}
