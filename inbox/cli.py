@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("name")
     replay.add_argument("--from-start", action="store_true", help="a fresh rebuild from event 1")
     replay.add_argument("--follow", action="store_true", help="keep it up to date afterwards")
+    replay.add_argument(
+        "--current-sla",
+        action="store_true",
+        help="inbox: apply today's SLA policies to the whole history",
+    )
     audit = sub.add_parser("audit", help="the full event history of a conversation or customer")
     which = audit.add_mutually_exclusive_group(required=True)
     which.add_argument("--conversation", type=UUID)
@@ -117,7 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "replay":
         from projections.replay import run_replay
 
-        run_replay(settings, args.name, from_start=args.from_start, follow=args.follow)
+        run_replay(
+            settings,
+            args.name,
+            from_start=args.from_start,
+            follow=args.follow,
+            current_sla=args.current_sla,
+        )
         return 0
 
     from infra import composition

@@ -19,7 +19,7 @@ import base64
 import binascii
 import heapq
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -193,7 +193,15 @@ class InboxView:
         )
         tx.execute(f"CREATE INDEX IF NOT EXISTS {claims}_key ON {claims} (key)")
 
-    def __init__(self, cache_limit: int = 500_000) -> None:
+    def __init__(
+        self,
+        cache_limit: int = 500_000,
+        *,
+        current_policies: Mapping[str, SlaPolicy] | None = None,
+    ) -> None:
+        """`current_policies` (queue -> SLA policy): a rebuild that applies today's policies to
+        the whole history instead of each policy from its event on (`--current-sla`)."""
+        self.current_policies = current_policies
         self.cache_limit = cache_limit
         self._cache: _Cache | None = None
         self._pending: _Cache | None = None
@@ -205,7 +213,7 @@ class InboxView:
             # none): what we kept may be stale.
             cache = _Cache(generation, position)
         self._cache, self._pending = None, cache  # usable again once committed
-        _Batch(tx, self.tables(generation), cache).run(events)
+        _Batch(tx, self.tables(generation), cache, self.current_policies).run(events)
 
     def committed(self, generation: int, position: int) -> None:
         cache, self._pending = self._pending, None
@@ -240,14 +248,23 @@ class _Batch:
     """One batch applied in memory: rows loaded once (or kept from earlier batches), written
     once."""
 
-    def __init__(self, tx: Tx, tables: list[str], cache: _Cache) -> None:
+    def __init__(
+        self,
+        tx: Tx,
+        tables: list[str],
+        cache: _Cache,
+        current_policies: Mapping[str, SlaPolicy] | None = None,
+    ) -> None:
         self.tx = tx
+        self.current_policies = current_policies
         self.conv_table, self.cust_table, self.claim_table, self.policy_table = tables
         self.policies: dict[str, SlaPolicy] | None = None
         self.convs: dict[str, list[Any]] = cache.convs
         self.custs = cache.custs
         self.claims = cache.claims
         self.dirty_convs: set[str] = set()
+        # rows whose sla_due_at is computed since they last changed (see queue_defined)
+        self.sla_done: set[str] = set()
         self.dirty_custs: set[str] = set()
         self.dirty_claims: set[str] = set()
         self.handlers: dict[str, Callable[[Event], None]] = {
@@ -360,6 +377,8 @@ class _Batch:
 
     def _sla_policies(self) -> dict[str, SlaPolicy]:
         """Queue name -> SLA policy, as of this batch (read once per batch: a few rows)."""
+        if self.current_policies is not None:
+            return dict(self.current_policies)
         if self.policies is None:
             self.policies = {}
             self.tx.execute(f"SELECT name, sla FROM {self.policy_table} WHERE sla IS NOT NULL")
@@ -367,8 +386,16 @@ class _Batch:
                 self.policies[name] = SlaPolicy.from_dict({**orjson.loads(sla), "queue": name})
         return self.policies
 
+    def _compute_sla(self) -> None:
+        for conv_id in self.dirty_convs - self.sla_done:
+            row = self.convs[conv_id]
+            row[SLA_DUE_AT] = self._sla_due(row)
+        self.sla_done |= self.dirty_convs
+
     def queue_defined(self, e: Event) -> None:
-        """A policy applies from its event on: rows are due again when they next change."""
+        """A policy applies from its event on: rows are due again when they next change (so
+        what changed before it in this batch is computed with the policy before it)."""
+        self._compute_sla()
         s = e.state
         sla = s["spec"].get("sla")
         name = s.get("name")
@@ -409,9 +436,8 @@ class _Batch:
         dumps = orjson.dumps
         if self.dirty_convs:
             convs = self.convs
+            self._compute_sla()
             rows = [convs[conv_id] for conv_id in self.dirty_convs]
-            for row in rows:
-                row[SLA_DUE_AT] = self._sla_due(row)
             tx.executemany(_upsert(self.conv_table, _CONV_COLUMNS, "id"), rows)
         if self.dirty_custs:
             tx.executemany(
@@ -450,6 +476,7 @@ class _Batch:
             row[UPDATED_AT] = at
         row[EVENTS] += 1
         self.dirty_convs.add(e.originator_id)
+        self.sla_done.discard(e.originator_id)
         return row
 
     def opened(self, e: Event) -> None:

@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from inbox.domain.sla import SlaPolicy
 from infra.settings import Settings
 from infra.store import EventStore, open_event_store
 from projections.base import Projection
 from projections.db import ReadModelDB, open_read_models
-from projections.directory import DirectoryView
+from projections.directory import DirectoryView, list_queues
 from projections.escalations import Escalations
 from projections.inbox_view import InboxView
 from projections.runner import LogSource, ProjectionRunner, apply_batch, read_log
@@ -84,13 +85,15 @@ def rebuild(
     from_start: bool,
     progress: Progress | None = None,
     batch_size: int = 20_000,
+    build: Callable[[], Projection] | None = None,
 ) -> ReplayResult:
     """Rebuilds projection `name` into a new generation and swaps it in.
 
     With `from_start` False an unfinished rebuild (one stopped before its swap) is resumed
     from its position; otherwise (or when there is none) a new generation starts from
-    notification 1. Unfinished generations that are not resumed are dropped."""
-    proj = projection(name)
+    notification 1. Unfinished generations that are not resumed are dropped. `build`: how
+    to make the projection, when not the registry's way (e.g. with today's SLA policies)."""
+    proj = build() if build is not None else projection(name)
     ensure_state_table(db)
     started = time.monotonic()
     unfinished = _unfinished(db, name)
@@ -167,8 +170,22 @@ def _swap(
     return True, None if old is None else old.generation
 
 
+def current_sla_policies(db: ReadModelDB) -> dict[str, SlaPolicy]:
+    """Every queue's SLA policy as it stands now (the directory view)."""
+    return {
+        q["name"]: SlaPolicy.from_dict({**q["sla"], "queue": q["name"]})
+        for q in list_queues(db)
+        if q.get("sla")
+    }
+
+
 def run_replay(
-    settings: Settings, name: str, *, from_start: bool, follow: bool = False
+    settings: Settings,
+    name: str,
+    *,
+    from_start: bool,
+    follow: bool = False,
+    current_sla: bool = False,
 ) -> ReplayResult:
     """`inbox replay NAME [--from-start] [--follow]`: rebuild with a progress bar (rate and
     ETA), then, with `follow`, keep the new generation up to date until Ctrl-C."""
@@ -206,7 +223,13 @@ def run_replay(
                 rate = (position - first[0]) / elapsed
                 bar.update(task, completed=position, total=head, rate=f"{rate:,.0f}")
 
-            result = rebuild(store, db, name, from_start=from_start, progress=show)
+            build = None
+            if current_sla:
+                if name != "inbox":
+                    raise ValueError("--current-sla applies to the inbox projection only")
+                policies = current_sla_policies(db)
+                build = lambda: InboxView(current_policies=policies)  # noqa: E731
+            result = rebuild(store, db, name, from_start=from_start, progress=show, build=build)
         console.print(
             f"{name}: generation {result.generation} active at position {result.position} "
             f"({result.events:,} events in {result.seconds:.1f}s, "

@@ -20,6 +20,7 @@ from inbox.domain import ids
 from inbox.domain.conversation import Conversation
 from inbox.domain.customer import Customer
 from inbox.domain.queue import Queue
+from inbox.domain.sla import SlaPolicy
 from inbox.ingest import Ingestor
 from infra.store import ContactEventRow, EventStore, open_event_store
 from projections.base import Projection
@@ -666,3 +667,36 @@ def test_read_model_db_translates_placeholders(world: World) -> None:
         assert tx.execute("SELECT COUNT(*) FROM scratch_t").fetchone() == (2,)
     assert world.db.table_exists("scratch_t")
     assert not world.db.table_exists("no_such_table")
+
+
+def test_an_edited_policy_applies_from_then_on_or_to_history_on_request(world: World) -> None:
+    define_sla_queue(world)  # first response in 30 business minutes
+    world.ingest(contact("p1", 0, email="pol@example.com"))  # Monday 09:00
+    conv = world.conversation_of("email:pol@example.com")
+    conv.enter_queue("vip", 0, reason="test", actor=AGENT, at=at(1))
+    world.store.save(conv)
+    world.catch_up()
+    queue = world.store.get(ids.queue_id("vip"))
+    tighter = dict(queue.spec)
+    tighter["sla"] = {**tighter["sla"], "targets": {"0": {"first_response": "10m"}}}
+    queue.change(tighter, actor="admin", at=at(2))
+    world.store.save(queue)
+    world.catch_up()
+
+    def due() -> str | None:
+        (item,) = list_conversations(world.db, customer="email:pol@example.com")["items"]
+        value: str | None = item["sla_due_at"]
+        return value
+
+    assert due() == at(30)  # the edit applies from then on: this row has not changed since
+    rebuild(world.store, world.db, "inbox", from_start=True)
+    assert due() == at(30)  # a plain replay applies each policy as it stood
+    policies = {"vip": SlaPolicy.from_dict({**tighter["sla"], "queue": "vip"})}
+    rebuild(
+        world.store,
+        world.db,
+        "inbox",
+        from_start=True,
+        build=lambda: InboxView(current_policies=policies),
+    )
+    assert due() == at(10)  # today's policy applied to history
