@@ -28,6 +28,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
+from inbox import telemetry
 from inbox.agents import Directory
 from inbox.domain.conversation import RESOLVED, ROUTER, Conversation
 from inbox.domain.errors import DomainError
@@ -64,6 +65,8 @@ HANDLES = frozenset(
         "Conversation.SlaBreached",
         "Callback.Requested",
         "Callback.Failed",
+        "Callback.Completed",
+        "Callback.Cancelled",
     }
 )
 MAX_PRIORITY = 9
@@ -141,6 +144,8 @@ class Distributor:
         self._wanted_priority: dict[str, int] = {}  # the IVR's priority for a queued call
         self.calls: dict[str, str] = {}  # call sid -> conversation id
         self.callbacks: dict[str, str] = {}  # callback id -> conversation id
+        self.callbacks_open: set[str] = set()
+        self.presence: dict[str, str] = {}  # agent id -> available | away | offline
         self._implicit: set[str] = set()
         # offers the router withdrew when their agent left: recorded as lapsed
         self._withdrawn: list[tuple[str, str]] = []
@@ -176,7 +181,11 @@ class Distributor:
             (self.vips.add if s["vip"] else self.vips.discard)(e.originator_id)
         elif name == "Callback.Requested":
             self.callbacks[e.originator_id] = s["conversation_id"]
+            self.callbacks_open.add(e.originator_id)
+        elif name in ("Callback.Completed", "Callback.Cancelled"):
+            self.callbacks_open.discard(e.originator_id)
         elif name == "Callback.Failed":
+            self.callbacks_open.discard(e.originator_id)
             # every attempt failed: the customer no longer waits for us
             failed = self.convs.get(self.callbacks.get(e.originator_id, ""))
             if failed is not None and failed.assignee is None:
@@ -192,6 +201,7 @@ class Distributor:
         if agent is None:
             return
         if name == "Agent.PresenceChanged":
+            self.presence[agent] = s["status"]
             self.router.set_presence(agent, s["status"], _seconds(s["at"]))
             if s["status"] != "available":
                 # the router withdrew this agent's offers: the aggregates say so too
@@ -591,7 +601,23 @@ class Distributor:
         for offer in self.router.decide(now):
             recorded += self._offer(offer)
         recorded += self._sla_round(now)
+        self.update_gauges(now)
         return recorded
+
+    def update_gauges(self, now: float) -> None:
+        """The live Prometheus gauges: queue depth and longest wait, agents by presence,
+        callbacks pending."""
+        for queue in sorted({*self.queues, *self._implicit}):
+            telemetry.QUEUE_DEPTH.labels(queue).set(self.router.depth(queue))
+            longest = self.router.longest_wait(queue, now)
+            telemetry.QUEUE_LONGEST_WAIT.labels(queue).set(longest or 0.0)
+        counts = dict.fromkeys(("available", "away", "offline"), 0)
+        for agent in self.agent_ids.values():
+            status = self.presence.get(agent, "offline")
+            counts[status] = counts.get(status, 0) + 1
+        for status, count in counts.items():
+            telemetry.AGENTS.labels(status).set(count)
+        telemetry.CALLBACKS_PENDING.set(len(self.callbacks_open))
 
     def next_deadline(self) -> float | None:
         deadlines = [

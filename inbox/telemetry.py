@@ -35,3 +35,12 @@ PUBLISH_FAILURES = Counter(
 def reason_label(reason: str) -> str:
     """A bounded label from a free-text reason: its first few words."""
     return " ".join(reason.split(":")[0].split()[:4])[:40]
+
+
+# Live gauges of the routing process (set after every round of `inbox route` / `inbox dev`).
+QUEUE_DEPTH = Gauge("inbox_queue_depth", "Conversations and calls waiting in a queue", ["queue"])
+QUEUE_LONGEST_WAIT = Gauge(
+    "inbox_queue_longest_wait_seconds", "How long the longest waiting item has waited", ["queue"]
+)
+AGENTS = Gauge("inbox_agents", "Agents by presence", ["presence"])
+CALLBACKS_PENDING = Gauge("inbox_callbacks_pending", "Callbacks requested and not yet done")

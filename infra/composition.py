@@ -422,6 +422,12 @@ async def run(
                     asyncio.create_task(distributor.run(stop, stored=stored), name="routing")
                 )
                 started.append("routing")
+                if not http and settings.metrics_port is not None:
+                    # `inbox route` shows its live gauges (queues, agents, callbacks)
+                    metrics, thread = start_http_server(settings.metrics_port, settings.http_host)
+                    stack.callback(thread.join, 5)
+                    stack.callback(metrics.shutdown)
+                    started.append(f"metrics on :{settings.metrics_port}")
             if projections:
                 await running.enter_async_context(
                     projections_in_thread(build_projection_runner(parts))
@@ -430,7 +436,7 @@ async def run(
             if worker:
                 tasks.append(asyncio.create_task(build_worker(parts).run(stop), name="worker"))
                 started.append("ingest worker")
-                if not http and settings.metrics_port is not None:
+                if not http and settings.metrics_port is not None and not routing:
                     # A worker without the HTTP API still shows its counters to Prometheus.
                     metrics, thread = start_http_server(settings.metrics_port, settings.http_host)
                     stack.callback(thread.join, 5)

@@ -13,6 +13,7 @@ from uuid import UUID
 
 import pytest
 from eventsourcing.persistence import Tracking
+from prometheus_client import REGISTRY
 
 from inbox.agents import Directory, agent_profile, queue_spec
 from inbox.commands import Commands
@@ -332,3 +333,22 @@ def test_a_caller_who_hangs_up_in_the_queue_stops_waiting(center: Center) -> Non
     center.agent("ann", capacity={"voice": 1})
     distributor.step()
     assert center.conversation(call.id).offered_to is None
+
+
+def test_live_gauges_show_queues_agents_and_callbacks(center: Center) -> None:
+    center.queue("tech", skill="tech")
+    center.agent("ann", capacity={"email": 1})  # no tech skill: the call waits
+    _call(center, "start", "call.started", to="+15005550006")
+    _call(center, "queued", "call.queued", queue="tech", priority=0)
+    distributor = center.distributor()
+    distributor.step()
+    center.clock.advance(90)
+    distributor.step()
+
+    def sample(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, labels)
+
+    assert sample("inbox_queue_depth", queue="tech") == 1
+    assert sample("inbox_queue_longest_wait_seconds", queue="tech") == 90
+    assert sample("inbox_agents", presence="available") == 1
+    assert sample("inbox_agents", presence="away") == 0
