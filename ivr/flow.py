@@ -586,7 +586,8 @@ class _Call:
     def callback_number(self) -> None:
         queue, path, in_queue = self.queue_param(), self.path, self.in_queue()
         tries = _int(self.request.param("tries"), 0, 9)
-        digits = self.request.field("Digits").replace("*", "")
+        # Only the digits: a finishing # or a stray * is no part of the number.
+        digits = "".join(c for c in self.request.field("Digits") if c in "0123456789")
         caller = self.request.caller
         if digits == "1" and caller is not None and tries == 0:
             self.callback_confirmed(queue, caller, in_queue)

@@ -404,7 +404,7 @@ class _Parser:
                 self.problem(
                     f"{place}.locale", f"bad language locale {locale!r} (e.g. en-US, de-DE)"
                 )
-                continue
+                locale = str(locale)  # kept, so its prompts are not reported as well
             voice = entry.get("voice")
             if voice is not None:
                 voice = self.string(voice, f"{place}.voice")
@@ -497,14 +497,12 @@ class _Parser:
                 continue
             entry = self.table(spec, place)
             if entry is not None:
-                node = self.parse_node(name, entry, place, repeats, timeout)
-                if node is not None:
-                    nodes[name] = node
+                nodes[name] = self.parse_node(name, entry, place, repeats, timeout)
         return nodes
 
     def parse_node(
         self, name: str, entry: Mapping[str, Any], place: str, repeats: int, timeout: int
-    ) -> Node | None:
+    ) -> Node:
         has_action = "action" in entry
         if has_action:
             self.known_keys(
@@ -522,9 +520,8 @@ class _Parser:
         node_timeout = self.integer(entry.get("timeout", timeout), f"{place}.timeout", 1, 60)
         if has_action:
             prompt = self.parse_prompt(entry.get("prompt"), f"{place}.prompt", required=False)
-            action = self.parse_action(entry, place)
-            if action is None:
-                return None
+            # A stand-in after a problem keeps the node, so its references are not reported too.
+            action = self.parse_action(entry, place) or HangUp()
             return Node(name, prompt, action=action, multilingual=multilingual)
         prompt = self.parse_prompt(entry.get("prompt"), f"{place}.prompt", required=True)
         options = self.parse_options(entry.get("options"), f"{place}.options")
@@ -534,15 +531,13 @@ class _Parser:
         elif (table := self.table(entry["default"], f"{place}.default")) is not None:
             self.known_keys(table, ("action", *_action_keys(table)), f"{place}.default")
             default = self.parse_action(table, f"{place}.default")
-        if node_repeats is None or node_timeout is None:
-            return None
         return Node(
             name,
             prompt,
             options=options,
             default=default,
-            repeats=node_repeats,
-            timeout=node_timeout,
+            repeats=repeats if node_repeats is None else node_repeats,
+            timeout=timeout if node_timeout is None else node_timeout,
             multilingual=multilingual,
         )
 
@@ -682,7 +677,7 @@ class _Parser:
 
     def parse_action(self, table: Mapping[str, Any], place: str) -> Action | None:
         kind = table.get("action")
-        if kind not in _ACTION_KEYS:
+        if not isinstance(kind, str) or kind not in _ACTION_KEYS:
             self.problem(
                 f"{place}.action", f"unknown action {kind!r} (expected {', '.join(_ACTION_KEYS)})"
             )
