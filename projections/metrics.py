@@ -1,0 +1,715 @@
+"""The metrics read model: additive counters per 15-minute UTC slot, channel, queue and agent,
+from which every KPI of CONTRACT.md is a ratio of sums (docs/metrics.md has the definitions).
+
+Tables (generation N):
+- `metrics_counts_gN`: one row per (channel, queue, agent, slot) with the counters in
+  `COLUMNS` (whole numbers; durations in microseconds, so sums are exact in any order and a
+  rebuild equals the live model bit for bit). Every event's counters are written to all 8
+  roll-ups of its key (each dimension as itself or `*` = all), so a query for any filter
+  reads at most one row per slot. `''` stands for "no queue" / "no agent".
+- `metrics_state_gN`: what later events need to know, as JSON per (kind, id): conversations
+  (`c`), calls by CallSid (`k`), agents (`a`, by agent id), agent aggregate ids (`u`),
+  callbacks (`b`) and queues with their SLA calendar (`q`).
+
+A batch is applied in memory: state rows are loaded once (or kept from earlier batches while
+nobody else wrote the generation), counter deltas are summed per key, and each changed row is
+written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise, product
+from typing import Any
+
+import orjson
+
+from inbox.domain.business_hours import BusinessHours
+from inbox.domain.sla import SlaPolicy, SlaPolicyError
+from projections.base import Event, table
+from projections.db import Tx
+
+NAME = "metrics"
+COUNTS = "metrics_counts"
+STATE = "metrics_state"
+
+CHANNELS = ("email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat")
+ALL = "*"
+NONE = ""
+# "Answered within T" is kept for these T (seconds): a query's service level picks one.
+SL_EDGES = (5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+SLOT_SECONDS = 900
+US = 1_000_000
+SLOT_US = SLOT_SECONDS * US
+DAY_US = 86_400 * US
+FCR_WINDOW_US = 7 * DAY_US
+RESOLVED_WITHIN_US = DAY_US
+
+COLUMNS: tuple[str, ...] = (
+    *(f"v_{c}" for c in CHANNELS),
+    "v_other",
+    "frt_n",  # first responses measured
+    "frt_us",
+    "frt_bh_us",  # the same in business time (the queue's SLA calendar; none = 24/7)
+    "res_n",  # resolutions
+    "res_us",
+    "res_bh_us",
+    "res_24h",  # resolutions within 24 h
+    "fcr",  # resolutions with one inbound contact, never reopened (taken back on a reopen)
+    "opened",  # conversations opened (under their opening channel and first queue)
+    "escalated",  # of those, escalated (counted once, at the opening key)
+    "ans",  # calls answered (a queue outcome)
+    "wait_us",  # their queue waits
+    *(f"w{t}" for t in SL_EDGES),  # answered with a wait <= t seconds
+    "abandoned",  # hung up while queued (a queue outcome)
+    "cb_queued",  # asked for a callback while queued (a queue outcome)
+    "aht_n",  # handled calls (answered, then ended)
+    "aht_us",  # their talk + hold + wrap
+    "csat_n",
+    "csat_good",  # scored 4 or 5
+    "cb_req",
+    "cb_done",
+    "cb_failed",
+    "cb_us",  # completed callbacks: completed - requested
+    "cb_bh_us",
+    "busy_us",  # agent time handling work (not offline)
+    "staffed_us",  # agent time available or handling
+)
+IDX = {name: i for i, name in enumerate(COLUMNS)}
+_N = len(COLUMNS)
+_VOLUME = {c: IDX[f"v_{c}"] for c in CHANNELS}
+_V_OTHER = IDX["v_other"]
+_W = [(t * US, IDX[f"w{t}"]) for t in SL_EDGES]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+_KINDS = ("c", "k", "a", "u", "b", "q")
+_CHUNK = 500
+OPEN, PENDING, RESOLVED = "open", "pending", "resolved"
+AVAILABLE, OFFLINE = "available", "offline"
+
+Key = tuple[int, str, str, str]  # (slot, channel, queue, agent)
+
+
+def to_us(text: str) -> int:
+    """An event's ISO timestamp as microseconds since the epoch (exact)."""
+    return (datetime.fromisoformat(text) - _EPOCH) // _ONE_US
+
+
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def calendar_of(spec: dict[str, Any], name: str) -> BusinessHours | None:
+    """The business hours of a queue's SLA policy; None when it has none (24/7)."""
+    sla = spec.get("sla")
+    if not sla:
+        return None
+    try:
+        return SlaPolicy.from_dict({**sla, "queue": name}).hours
+    except (SlaPolicyError, TypeError):  # a policy the queue editor refused never applied
+        return None
+
+
+def roll_ups(key: Key) -> list[Key]:
+    """The 8 rows a key's counters go to: each dimension as itself or `*`."""
+    slot, channel, queue, agent = key
+    return [(slot, c, q, a) for c, q, a in product((channel, ALL), (queue, ALL), (agent, ALL))]
+
+
+class Metrics:
+    """The projection (see the module doc)."""
+
+    name = NAME
+    handles = frozenset(
+        {
+            "Conversation.Opened",
+            "Conversation.MessageReceived",
+            "Conversation.ActivityRecorded",
+            "Conversation.ReplyQueued",
+            "Conversation.Queued",
+            "Conversation.Transferred",
+            "Conversation.Assigned",
+            "Conversation.Escalated",
+            "Conversation.MarkedPending",
+            "Conversation.Resolved",
+            "Conversation.Reopened",
+            "Conversation.CsatSubmitted",
+            "Agent.Registered",
+            "Agent.PresenceChanged",
+            "Queue.Defined",
+            "Queue.Changed",
+            "Callback.Requested",
+            "Callback.Completed",
+            "Callback.Failed",
+            "Callback.Cancelled",
+        }
+    )
+
+    def __init__(self, cache_limit: int = 2_000_000) -> None:
+        self.cache_limit = cache_limit
+        self._cache: _Cache | None = None
+        self._pending: _Cache | None = None
+
+    def tables(self, generation: int) -> list[str]:
+        return [table(COUNTS, generation), table(STATE, generation)]
+
+    def create_tables(self, tx: Tx, generation: int) -> None:
+        counts, state = self.tables(generation)
+        clustered = "" if tx.is_postgres else " WITHOUT ROWID"
+        columns = ", ".join(f"{c} BIGINT NOT NULL DEFAULT 0" for c in COLUMNS)
+        # Key order: a query fixes the three dimensions and reads a range of slots.
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {counts} (channel TEXT NOT NULL, queue TEXT NOT NULL, "
+            f"agent TEXT NOT NULL, slot BIGINT NOT NULL, {columns}, "
+            "PRIMARY KEY (channel, queue, agent, slot))" + clustered
+        )
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {state} (kind TEXT NOT NULL, id TEXT NOT NULL, "
+            "data TEXT NOT NULL, PRIMARY KEY (kind, id))" + clustered
+        )
+
+    def create_indexes(self, tx: Tx, generation: int) -> None:
+        """None: the primary keys are what the writes and the queries use."""
+
+    def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
+        cache = self._cache
+        if cache is None or cache.generation != generation or cache.position != position:
+            # Someone else moved this generation (or we kept nothing): start from the tables.
+            # At position 0 the tables are empty, so the cache is complete from the start.
+            cache = _Cache(generation, position, complete=position == 0)
+        self._cache, self._pending = None, cache
+        _Batch(tx, self.tables(generation), cache).run(events)
+
+    def committed(self, generation: int, position: int) -> None:
+        cache, self._pending = self._pending, None
+        if (
+            cache is not None
+            and cache.generation == generation
+            and cache.size() <= self.cache_limit
+        ):
+            cache.position = position
+            self._cache = cache
+
+    def forget(self) -> None:
+        self._cache = self._pending = None
+
+
+class _Cache:
+    """State rows as of `position` of `generation`; `complete`: every row is here (a missing
+    one does not exist), true for a cache that has followed the generation from position 0."""
+
+    def __init__(self, generation: int, position: int, *, complete: bool) -> None:
+        self.generation = generation
+        self.position = position
+        self.complete = complete
+        self.rows: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
+        self.calendars: dict[str, BusinessHours | None] | None = None
+
+    def size(self) -> int:
+        return sum(len(rows) for rows in self.rows.values())
+
+
+class _Batch:
+    def __init__(self, tx: Tx, tables: list[str], cache: _Cache) -> None:
+        self.tx = tx
+        self.counts_table, self.state_table = tables
+        self.cache = cache
+        self.rows = cache.rows
+        self.dirty: set[tuple[str, str]] = set()
+        self.deltas: dict[Key, list[int]] = {}
+        self.handlers: dict[str, Callable[[Event], None]] = {
+            "Conversation.Opened": self.opened,
+            "Conversation.MessageReceived": self.message_received,
+            "Conversation.ActivityRecorded": self.activity,
+            "Conversation.ReplyQueued": self.reply_queued,
+            "Conversation.Queued": self.queued,
+            "Conversation.Transferred": self.transferred,
+            "Conversation.Assigned": self.assigned,
+            "Conversation.Escalated": self.escalated,
+            "Conversation.MarkedPending": self.marked_pending,
+            "Conversation.Resolved": self.resolved,
+            "Conversation.Reopened": self.reopened,
+            "Conversation.CsatSubmitted": self.csat,
+            "Agent.Registered": self.agent_registered,
+            "Agent.PresenceChanged": self.presence_changed,
+            "Queue.Defined": self.queue_defined,
+            "Queue.Changed": self.queue_defined,
+            "Callback.Requested": self.callback_requested,
+            "Callback.Completed": self.callback_completed,
+            "Callback.Failed": self.callback_failed,
+            "Callback.Cancelled": self.callback_cancelled,
+        }
+
+    # -- state rows ---------------------------------------------------------------------
+
+    def run(self, events: Sequence[Event]) -> None:
+        if not self.cache.complete:
+            self._prefetch(events)
+        handlers = self.handlers
+        for event in events:
+            handlers[event.name](event)
+        self._write()
+
+    def _prefetch(self, events: Sequence[Event]) -> None:
+        """The state rows a batch will most likely touch, read in a few queries."""
+        wanted: dict[str, set[str]] = {kind: set() for kind in _KINDS}
+        for e in events:
+            kind = e.name[:3]
+            if kind == "Con":
+                wanted["c"].add(e.originator_id)
+                call_sid = (e.state.get("data") or {}).get("call_sid")
+                if call_sid:
+                    wanted["k"].add(str(call_sid))
+            elif kind == "Cal":
+                wanted["b"].add(e.originator_id)
+            elif kind == "Age":
+                wanted["u"].add(e.originator_id)
+        for kind, ids in wanted.items():
+            missing = sorted(i for i in ids if i not in self.rows[kind])
+            for start in range(0, len(missing), _CHUNK):
+                chunk = missing[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                self.tx.execute(
+                    f"SELECT id, data FROM {self.state_table} WHERE kind=? AND id IN ({marks})",
+                    (kind, *chunk),
+                )
+                for row_id, data in self.tx.fetchall():
+                    self.rows[kind][row_id] = orjson.loads(data)
+
+    def get(self, kind: str, row_id: str) -> dict[str, Any] | None:
+        row = self.rows[kind].get(row_id)
+        if row is None and not self.cache.complete:
+            self.tx.execute(
+                f"SELECT data FROM {self.state_table} WHERE kind=? AND id=?", (kind, row_id)
+            )
+            found = self.tx.fetchone()
+            if found is not None:
+                row = self.rows[kind][row_id] = orjson.loads(found[0])
+        return row
+
+    def put(self, kind: str, row_id: str, row: dict[str, Any]) -> None:
+        self.rows[kind][row_id] = row
+        self.dirty.add((kind, row_id))
+
+    def touch(self, kind: str, row_id: str) -> None:
+        self.dirty.add((kind, row_id))
+
+    def _write(self) -> None:
+        rows = self.rows
+        self.tx.executemany(
+            f"INSERT INTO {self.state_table} (kind, id, data) VALUES (?, ?, ?) "
+            "ON CONFLICT (kind, id) DO UPDATE SET data=excluded.data",
+            [(k, i, orjson.dumps(rows[k][i]).decode()) for k, i in sorted(self.dirty)],
+        )
+        cube: dict[Key, list[int]] = {}
+        for key, delta in self.deltas.items():
+            for rolled in roll_ups(key):
+                total = cube.get(rolled)
+                if total is None:
+                    cube[rolled] = list(delta)
+                else:
+                    for i, v in enumerate(delta):
+                        if v:
+                            total[i] += v
+        t = self.counts_table
+        cols = ", ".join(COLUMNS)
+        marks = ", ".join("?" * (_N + 4))
+        sets = ", ".join(f"{c}={t}.{c}+excluded.{c}" for c in COLUMNS)
+        self.tx.executemany(
+            f"INSERT INTO {t} (slot, channel, queue, agent, {cols}) VALUES ({marks}) "
+            f"ON CONFLICT (channel, queue, agent, slot) DO UPDATE SET {sets}",
+            [(*key, *delta) for key, delta in sorted(cube.items())],
+        )
+
+    # -- counters -----------------------------------------------------------------------
+
+    def add(self, at: int, channel: str, queue: str, agent: str, column: int, value: int) -> None:
+        key = (at // SLOT_US, channel, queue, agent)
+        delta = self.deltas.get(key)
+        if delta is None:
+            delta = self.deltas[key] = [0] * _N
+        delta[column] += value
+
+    def business_us(self, queue: str, start: int, end: int) -> int:
+        """Business microseconds in [start, end) on the queue's SLA calendar (none: all)."""
+        if end <= start:
+            return 0
+        calendar = self.calendars().get(queue)
+        if calendar is None:
+            return end - start
+        return round(calendar.seconds_between(from_us(start), from_us(end)) * US)
+
+    def calendars(self) -> dict[str, BusinessHours | None]:
+        if self.cache.calendars is None:
+            if not self.cache.complete:
+                self.tx.execute(f"SELECT id, data FROM {self.state_table} WHERE kind='q'")
+                for row_id, data in self.tx.fetchall():
+                    self.rows["q"].setdefault(row_id, orjson.loads(data))
+            self.cache.calendars = {
+                q["name"]: calendar_of(q["spec"], q["name"]) for q in self.rows["q"].values()
+            }
+        return self.cache.calendars
+
+    # -- agents: utilization ------------------------------------------------------------
+
+    def agent(self, agent_id: str, at: int) -> dict[str, Any]:
+        """An agent's state; one first seen here (not registered) starts offline at `at`."""
+        row = self.get("a", agent_id)
+        if row is None:
+            row = {"p": OFFLINE, "t": at, "o": 0, "c": 0, "w": 0}
+            self.put("a", agent_id, row)
+        return row
+
+    def advance(self, agent_id: str, at: int) -> dict[str, Any]:
+        """Counts the agent's time from their last change up to `at`, as it was: busy when not
+        offline and handling (an open conversation assigned, a call, a wrap-up); staffed
+        when available or busy. Returns the agent's state, to be changed at `at`."""
+        row = self.agent(agent_id, at)
+        start = row["t"]
+        if at <= start:
+            return row  # a clock that went backwards changes state, not time
+        cuts = [start, at]
+        if start < row["w"] < at:
+            cuts.insert(1, row["w"])
+        for a, b in pairwise(cuts):
+            busy = row["p"] != OFFLINE and (row["o"] > 0 or row["c"] > 0 or a < row["w"])
+            if busy or row["p"] == AVAILABLE:
+                self._accrue(agent_id, a, b, busy)
+        row["t"] = at
+        self.touch("a", agent_id)
+        return row
+
+    def _accrue(self, agent_id: str, start: int, end: int, busy: bool) -> None:
+        staffed, handling = IDX["staffed_us"], IDX["busy_us"]
+        while start < end:
+            cut = min(end, (start // SLOT_US + 1) * SLOT_US)
+            self.add(start, NONE, NONE, agent_id, staffed, cut - start)
+            if busy:
+                self.add(start, NONE, NONE, agent_id, handling, cut - start)
+            start = cut
+
+    def hold(self, conv: dict[str, Any], at: int, *, agent: str, status: str) -> None:
+        """Changes a conversation's assignee and status, keeping each agent's count of open
+        conversations assigned to them (their digital handling) right."""
+        before = conv["a"] if conv["st"] == OPEN else NONE
+        after = agent if status == OPEN else NONE
+        conv["a"], conv["st"] = agent, status
+        if before == after:
+            return
+        if before:
+            self.advance(before, at)["o"] -= 1
+        if after:
+            self.advance(after, at)["o"] += 1
+
+    def agent_registered(self, e: Event) -> None:
+        s = e.state
+        self.put("u", e.originator_id, {"id": s["agent_id"]})
+        self.agent(s["agent_id"], to_us(s["at"]))
+
+    def presence_changed(self, e: Event) -> None:
+        known = self.get("u", e.originator_id)
+        if known is None:
+            return
+        row = self.advance(known["id"], to_us(e.state["at"]))
+        row["p"] = e.state["status"]
+
+    # -- queues -------------------------------------------------------------------------
+
+    def queue_defined(self, e: Event) -> None:
+        s = e.state
+        row = self.get("q", e.originator_id)
+        name = s.get("name") or (row or {}).get("name")
+        if name is None:
+            return
+        self.put("q", e.originator_id, {"name": name, "spec": s["spec"]})
+        self.calendars()[name] = calendar_of(s["spec"], name)
+
+    # -- conversations ------------------------------------------------------------------
+
+    def conv(self, e: Event) -> dict[str, Any] | None:
+        row = self.get("c", e.originator_id)
+        if row is not None:
+            self.touch("c", e.originator_id)
+        return row
+
+    def opened(self, e: Event) -> None:
+        s = e.state
+        at = to_us(s["at"])
+        queue = s.get("queue") or NONE
+        conv = {
+            "ch": s["channel"],  # the channel of the latest inbound contact
+            "q": queue,
+            "a": NONE,
+            "st": OPEN,
+            "cs": None,  # first inbound contact of this cycle (or the reopen)
+            "fr": False,  # first response of this cycle measured
+            "rs": at,  # resolution time counts from here (opened, or the reopen)
+            "n": 0,  # inbound contacts
+            "re": 0,  # reopens
+            "esc": False,
+            "ok": [at, s["channel"], queue],  # the opening key (escalation rate)
+            "oq": bool(queue),  # the opening key has its queue
+            "rk": None,  # the last resolution's key, time, and whether it counted for FCR
+            "rat": None,
+            "rf": False,
+            "chat": False,  # a chat session is open
+            "pv": [],  # contacts before the first queue: [at, channel, agent]
+        }
+        self.put("c", e.originator_id, conv)
+        self.add(at, s["channel"], queue, NONE, IDX["opened"], 1)
+
+    def contact(self, conv: dict[str, Any], channel: str, at: int, *, counts: bool) -> None:
+        """The customer wrote, called or started a chat; `counts`: a new inbound contact
+        (a message inside a chat session is part of the chat's contact)."""
+        if counts:
+            self.add(at, channel, conv["q"], conv["a"], _VOLUME.get(channel, _V_OTHER), 1)
+            if not conv["oq"]:
+                conv["pv"].append(
+                    [at, channel, conv["a"]]
+                )  # moved to the first queue when it has one
+            conv["n"] += 1
+            if conv["cs"] is None:
+                conv["cs"] = at
+        conv["ch"] = channel
+        if conv["st"] == PENDING:
+            self.hold(conv, at, agent=conv["a"], status=OPEN)
+
+    def message_received(self, e: Event) -> None:
+        s = e.state
+        conv = self.conv(e)
+        if conv is not None and not s.get("automatic", False):
+            in_chat = s["channel"] == "chat" and conv.get("chat", False)
+            self.contact(conv, s["channel"], to_us(s["at"]), counts=not in_chat)
+
+    def respond(self, conv: dict[str, Any], at: int, agent: str) -> None:
+        """The first agent reply or answer of the cycle: its first response time."""
+        start = conv["cs"]
+        if conv["fr"] or start is None:
+            return
+        conv["fr"] = True
+        channel, queue = conv["ch"], conv["q"]
+        self.add(at, channel, queue, agent, IDX["frt_n"], 1)
+        self.add(at, channel, queue, agent, IDX["frt_us"], max(0, at - start))
+        self.add(at, channel, queue, agent, IDX["frt_bh_us"], self.business_us(queue, start, at))
+
+    def reply_queued(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is not None:
+            self.respond(conv, to_us(e.state["at"]), e.state.get("actor") or NONE)
+
+    def queued(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is None:
+            return
+        queue = e.state["queue"]
+        conv["q"] = queue
+        if not conv["oq"]:
+            # Opened without a queue (ingest leaves that to routing): the conversation counts
+            # under the first queue it enters, moved there from "no queue" (no agent either:
+            # a conversation is assigned after it is queued).
+            conv["oq"] = True
+            at, channel, _ = conv["ok"]
+            conv["ok"] = [at, channel, queue]
+            self.add(at, channel, NONE, NONE, IDX["opened"], -1)
+            self.add(at, channel, queue, NONE, IDX["opened"], 1)
+            if conv["esc"]:
+                self.add(at, channel, NONE, NONE, IDX["escalated"], -1)
+                self.add(at, channel, queue, NONE, IDX["escalated"], 1)
+            # so do its contacts so far (a call starts before the IVR queues it)
+            for c_at, c_channel, c_agent in conv["pv"]:
+                column = _VOLUME.get(c_channel, _V_OTHER)
+                self.add(c_at, c_channel, NONE, c_agent, column, -1)
+                self.add(c_at, c_channel, queue, c_agent, column, 1)
+            conv["pv"] = []
+
+    def transferred(self, e: Event) -> None:
+        self.queued(e)
+        conv = self.conv(e)
+        if conv is not None:
+            self.hold(conv, to_us(e.state["at"]), agent=NONE, status=conv["st"])
+
+    def assigned(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is not None:
+            agent = e.state.get("agent") or NONE
+            self.hold(conv, to_us(e.state["at"]), agent=agent, status=conv["st"])
+
+    def escalated(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is None or conv["esc"]:
+            return  # a conversation counts once, however often it is escalated
+        conv["esc"] = True
+        at, channel, queue = conv["ok"]
+        self.add(at, channel, queue, NONE, IDX["escalated"], 1)
+
+    def marked_pending(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is not None:
+            self.hold(conv, to_us(e.state["at"]), agent=conv["a"], status=PENDING)
+
+    def resolved(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is None:
+            return
+        at = to_us(e.state["at"])
+        channel, queue, agent = conv["ch"], conv["q"], conv["a"]
+        took = max(0, at - conv["rs"])
+        first_contact = conv["n"] == 1 and conv["re"] == 0
+        self.add(at, channel, queue, agent, IDX["res_n"], 1)
+        self.add(at, channel, queue, agent, IDX["res_us"], took)
+        self.add(
+            at, channel, queue, agent, IDX["res_bh_us"], self.business_us(queue, conv["rs"], at)
+        )
+        self.add(at, channel, queue, agent, IDX["res_24h"], int(took <= RESOLVED_WITHIN_US))
+        self.add(at, channel, queue, agent, IDX["fcr"], int(first_contact))
+        # FCR is provisional for 7 days: a reopen in that time takes it back from this key.
+        conv["rk"], conv["rat"], conv["rf"] = [at, channel, queue, agent], at, first_contact
+        self.hold(conv, at, agent=agent, status=RESOLVED)
+
+    def reopened(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is None:
+            return
+        at = to_us(e.state["at"])
+        if conv["rf"] and at - conv["rat"] <= FCR_WINDOW_US:
+            r_at, channel, queue, agent = conv["rk"]
+            self.add(r_at, channel, queue, agent, IDX["fcr"], -1)
+        conv["rf"] = False
+        conv["re"] += 1
+        conv["rs"] = conv["cs"] = at
+        conv["fr"] = False
+        self.hold(conv, at, agent=conv["a"], status=OPEN)
+
+    def csat(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is None:
+            return
+        at = to_us(e.state["at"])
+        self.add(at, conv["ch"], conv["q"], conv["a"], IDX["csat_n"], 1)
+        self.add(at, conv["ch"], conv["q"], conv["a"], IDX["csat_good"], int(e.state["score"] >= 4))
+
+    # -- calls --------------------------------------------------------------------------
+
+    def activity(self, e: Event) -> None:
+        conv = self.conv(e)
+        if conv is None:
+            return
+        s = e.state
+        activity = s["activity"]
+        at = to_us(s["at"])
+        if activity == "call.started":
+            self.contact(conv, s["channel"], at, counts=True)
+            return
+        if activity == "chat.started":
+            # a reconnect inside an open session is the same contact
+            self.contact(conv, s["channel"], at, counts=not conv.get("chat", False))
+            conv["chat"] = True
+            return
+        if activity == "chat.ended":
+            conv["chat"] = False
+            return
+        data = s.get("data") or {}
+        call_sid = data.get("call_sid")
+        if not call_sid or not activity.startswith(("call.", "callback.")):
+            return
+        call_sid = str(call_sid)
+        call = self.get("k", call_sid)
+        if call is None:
+            call = {"q": NONE, "qat": None, "o": None, "ag": NONE, "live": False}
+        self.put("k", call_sid, call)
+        if data.get("queue"):
+            call["q"] = str(data["queue"])
+        queue = call["q"] or conv["q"]
+        if activity == "call.queued":
+            call["qat"] = at
+        elif activity == "call.answered":
+            self.call_answered(conv, call, data, at, queue)
+        elif activity == "call.ended":
+            self.call_ended(call, data, at, queue)
+        elif activity == "call.abandoned":
+            # IVR hang-ups are no abandons; nor is hanging up after asking for a callback
+            # (the first outcome of a call is its only one).
+            if data.get("ended_in") == "ivr" or call["o"] is not None:
+                return
+            if call["qat"] is None and not data.get("queue"):
+                return  # never queued
+            call["o"] = "abandoned"
+            self.add(at, "voice", queue, NONE, IDX["abandoned"], 1)
+        elif activity == "callback.requested" and call["o"] is None:
+            call["o"] = "callback"
+            self.add(at, "voice", queue, NONE, IDX["cb_queued"], 1)
+
+    def call_answered(
+        self, conv: dict[str, Any], call: dict[str, Any], data: dict[str, Any], at: int, queue: str
+    ) -> None:
+        agent = str(data.get("agent") or NONE)
+        if call["o"] is None:
+            call["o"] = "answered"
+            if isinstance(data.get("queue_seconds"), int | float):
+                wait = round(data["queue_seconds"] * US)
+            else:
+                wait = 0 if call["qat"] is None else max(0, at - call["qat"])
+            self.add(at, "voice", queue, agent, IDX["ans"], 1)
+            self.add(at, "voice", queue, agent, IDX["wait_us"], wait)
+            for edge, column in _W:
+                if wait <= edge:
+                    self.add(at, "voice", queue, agent, column, 1)
+        if not call["live"]:
+            call["live"], call["ag"] = True, agent
+            if agent:
+                self.advance(agent, at)["c"] += 1
+        self.respond(conv, at, agent)
+
+    def call_ended(self, call: dict[str, Any], data: dict[str, Any], at: int, queue: str) -> None:
+        if not call["live"]:
+            return  # never answered (an IVR hang-up, an abandon): no handled call
+        call["live"] = False
+        agent = call["ag"]
+        handled = sum(
+            round(float(data.get(k) or 0) * US)
+            for k in ("talk_seconds", "hold_seconds", "wrap_seconds")
+        )
+        self.add(at, "voice", queue, agent, IDX["aht_n"], 1)
+        self.add(at, "voice", queue, agent, IDX["aht_us"], handled)
+        if agent:
+            row = self.advance(agent, at)
+            row["c"] -= 1
+            # wrap-up follows the end of the call
+            row["w"] = max(row["w"], at + round(float(data.get("wrap_seconds") or 0) * US))
+
+    # -- callbacks ----------------------------------------------------------------------
+
+    def callback_requested(self, e: Event) -> None:
+        s = e.state
+        requested = to_us(s.get("requested_at") or s["at"])
+        queue = s.get("queue") or NONE
+        self.put("b", e.originator_id, {"rq": requested, "q": queue, "done": False})
+        self.add(requested, "voice", queue, NONE, IDX["cb_req"], 1)
+
+    def _callback(self, e: Event) -> dict[str, Any] | None:
+        row = self.get("b", e.originator_id)
+        if row is None or row["done"]:
+            return None
+        row["done"] = True
+        self.touch("b", e.originator_id)
+        return row
+
+    def callback_completed(self, e: Event) -> None:
+        row = self._callback(e)
+        if row is None:
+            return
+        at = to_us(e.state["at"])
+        queue, agent = row["q"], e.state.get("agent") or NONE
+        self.add(at, "voice", queue, agent, IDX["cb_done"], 1)
+        self.add(at, "voice", queue, agent, IDX["cb_us"], max(0, at - row["rq"]))
+        self.add(at, "voice", queue, agent, IDX["cb_bh_us"], self.business_us(queue, row["rq"], at))
+
+    def callback_failed(self, e: Event) -> None:
+        row = self._callback(e)
+        if row is not None:
+            self.add(to_us(e.state["at"]), "voice", row["q"], NONE, IDX["cb_failed"], 1)
+
+    def callback_cancelled(self, e: Event) -> None:
+        self._callback(e)

@@ -1,0 +1,311 @@
+"""The KPIs of CONTRACT.md from the metrics read model, per bucket (15 minutes, hour or day in
+a time zone) and in total, for all traffic or one channel, queue and/or agent.
+
+Buckets follow the zone's wall clock: an hour bucket starts at a local full hour, a day bucket
+at local midnight, so a day is 23 or 25 hours long on a DST change and the repeated hour of a
+fall-back is two hour buckets (their `start` differs in its UTC offset). A bucket is a whole
+number of the model's 15-minute UTC slots, which holds for every zone whose offsets are whole
+quarter hours (all of them since 1979 or so; others are refused). The range is widened to
+whole buckets: the first bucket holds `start`, the last one holds the instant before `end`.
+
+One SQL statement per stretch of constant UTC offset (one or two for 90 days) sums the slots
+of each bucket, reading at most one row per slot: the counters are stored rolled up by every
+combination of the filters (see projections/metrics.py).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from projections.base import table
+from projections.db import ReadModelDB, Tx
+from projections.inbox_view import QueryError
+from projections.metrics import (
+    ALL,
+    CHANNELS,
+    COLUMNS,
+    COUNTS,
+    IDX,
+    NAME,
+    SL_EDGES,
+    SLOT_SECONDS,
+    US,
+)
+from projections.tracking import STATE_TABLE, active_generation
+
+Bucket = Literal["15m", "hour", "day"]
+SLOTS_PER_BUCKET: dict[str, int] = {"15m": 1, "hour": 4, "day": 96}
+MAX_BUCKETS = 20_000
+KPI_KEYS = (
+    "first_response_time",
+    "first_response_time_business",
+    "resolution_time",
+    "resolution_time_business",
+    "resolved_within_24h",
+    "asa",
+    "abandonment_rate",
+    "service_level",
+    "aht",
+    "fcr",
+    "csat",
+    "escalation_rate",
+    "volume",
+    "callbacks",
+    "agent_utilization",
+)
+
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+_DAY_SLOTS = 96
+_SUMS = ", ".join(f"CAST(SUM({c}) AS BIGINT)" for c in COLUMNS)
+_ZERO = [0] * len(COLUMNS)
+_I = IDX
+_VOLUME = [(c, _I[f"v_{c}"]) for c in CHANNELS]
+
+
+# -- KPIs from sums ---------------------------------------------------------------------
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return None if whole == 0 else part / whole
+
+
+def _mean_seconds(total_us: int, n: int) -> float | None:
+    return None if n == 0 else total_us / n / US
+
+
+def kpis(sums: Sequence[int], service_level_seconds: int = 20) -> dict[str, Any]:
+    """Every KPI from the counters in `COLUMNS` order (a row of the model, or a sum of rows).
+    `None` where there is nothing to measure."""
+    s = sums
+    queued = s[_I["ans"]] + s[_I["abandoned"]] + s[_I["cb_queued"]]
+    volume = {channel: s[i] for channel, i in _VOLUME}
+    if s[_I["v_other"]]:
+        volume["other"] = s[_I["v_other"]]
+    return {
+        "first_response_time": _mean_seconds(s[_I["frt_us"]], s[_I["frt_n"]]),
+        "first_response_time_business": _mean_seconds(s[_I["frt_bh_us"]], s[_I["frt_n"]]),
+        "resolution_time": _mean_seconds(s[_I["res_us"]], s[_I["res_n"]]),
+        "resolution_time_business": _mean_seconds(s[_I["res_bh_us"]], s[_I["res_n"]]),
+        "resolved_within_24h": _ratio(s[_I["res_24h"]], s[_I["res_n"]]),
+        "asa": _mean_seconds(s[_I["wait_us"]], s[_I["ans"]]),
+        "abandonment_rate": _ratio(s[_I["abandoned"]], queued),
+        "service_level": _ratio(s[_I[f"w{service_level_seconds}"]], queued),
+        "aht": _mean_seconds(s[_I["aht_us"]], s[_I["aht_n"]]),
+        "fcr": _ratio(s[_I["fcr"]], s[_I["res_n"]]),
+        "csat": _ratio(s[_I["csat_good"]], s[_I["csat_n"]]),
+        "escalation_rate": _ratio(s[_I["escalated"]], s[_I["opened"]]),
+        "volume": volume,
+        "callbacks": {
+            "requested": s[_I["cb_req"]],
+            "completed": s[_I["cb_done"]],
+            "failed": s[_I["cb_failed"]],
+            "mean_time_to_callback": _mean_seconds(s[_I["cb_us"]], s[_I["cb_done"]]),
+            "mean_time_to_callback_business": _mean_seconds(s[_I["cb_bh_us"]], s[_I["cb_done"]]),
+        },
+        "agent_utilization": _ratio(s[_I["busy_us"]], s[_I["staffed_us"]]),
+    }
+
+
+# -- buckets in a time zone -------------------------------------------------------------
+
+
+class _Segment:
+    """A stretch of slots [start, end) with one UTC offset (in slots) and its text."""
+
+    __slots__ = ("end", "offset", "start", "suffix")
+
+    def __init__(self, start: int, end: int, offset: int) -> None:
+        self.start, self.end, self.offset = start, end, offset
+        minutes = offset * 15
+        sign = "+" if minutes >= 0 else "-"
+        self.suffix = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def _offset(zone: ZoneInfo, slot: int) -> int:
+    """The zone's UTC offset at the slot's start, in slots; refused when not a quarter hour."""
+    delta = datetime.fromtimestamp(slot * SLOT_SECONDS, zone).utcoffset()
+    seconds = 0 if delta is None else int(delta.total_seconds())
+    if seconds % SLOT_SECONDS:
+        raise QueryError(f"time zone {zone.key}: a UTC offset that is not whole quarter hours")
+    return seconds // SLOT_SECONDS
+
+
+def segments(zone: ZoneInfo, lo: int, hi: int) -> list[_Segment]:
+    """The stretches of constant offset covering slots [lo, hi). Offsets are sampled once a
+    day and changes bisected to their slot (no zone changes its offset twice in a day)."""
+    result: list[_Segment] = []
+    start, offset = lo, _offset(zone, lo)
+    probe = lo
+    while probe < hi:
+        nxt = min(probe + _DAY_SLOTS, hi)
+        later = _offset(zone, nxt) if nxt < hi else offset
+        if later != offset:
+            a, b = probe, nxt  # offset(a) == offset, offset(b) != offset
+            while b - a > 1:
+                mid = (a + b) // 2
+                if _offset(zone, mid) == offset:
+                    a = mid
+                else:
+                    b = mid
+            result.append(_Segment(start, b, offset))
+            start, offset = b, _offset(zone, b)
+        probe = nxt
+    result.append(_Segment(start, hi, offset))
+    return result
+
+
+def boundaries(parts: Sequence[_Segment], k: int) -> list[int]:
+    """The slots where a bucket of `k` slots starts: where the local time is a multiple of
+    the bucket, or where a forward clock change skips over such a time."""
+    result: list[int] = []
+    previous: int | None = None
+    for seg in parts:
+        if previous is not None and seg.offset > previous:
+            local_before = seg.start + previous
+            first_aligned = -(-local_before // k) * k
+            if first_aligned < seg.start + seg.offset and first_aligned % k == 0:
+                result.append(seg.start)
+        first = seg.start + (-(seg.start + seg.offset)) % k
+        if result and result[-1] == first:
+            first += k
+        result.extend(range(first, seg.end, k))
+        previous = seg.offset
+    return result
+
+
+# -- the query --------------------------------------------------------------------------
+
+
+def _slot(at: datetime, *, up: bool) -> int:
+    seconds = (at - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()
+    slot = seconds / SLOT_SECONDS
+    whole = int(slot // 1)
+    return whole + 1 if up and whole != slot else whole
+
+
+def _check(
+    start: datetime, end: datetime, bucket: str, tz: str, service_level_seconds: float
+) -> tuple[ZoneInfo, int, int]:
+    if bucket not in SLOTS_PER_BUCKET:
+        raise QueryError("bucket must be one of 15m, hour, day")
+    if start.tzinfo is None or end.tzinfo is None:
+        raise QueryError("from and to need a UTC offset (e.g. 2026-03-02T00:00:00Z)")
+    if end <= start:
+        raise QueryError("to must be after from")
+    seconds = float(service_level_seconds)
+    if not seconds.is_integer() or int(seconds) not in SL_EDGES:
+        edges = ", ".join(str(t) for t in SL_EDGES)
+        raise QueryError(f"service level seconds must be one of {edges}")
+    try:
+        zone = ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise QueryError(f"unknown time zone {tz!r}") from None
+    k = SLOTS_PER_BUCKET[bucket]
+    if (end - start).total_seconds() > MAX_BUCKETS * k * SLOT_SECONDS:
+        raise QueryError(f"too many buckets (at most {MAX_BUCKETS:,}): use a longer bucket")
+    return zone, int(seconds), k
+
+
+def metrics(
+    db: ReadModelDB,
+    *,
+    start: datetime,
+    end: datetime,
+    bucket: Bucket | str,
+    tz: str = "UTC",
+    channel: str | None = None,
+    queue: str | None = None,
+    agent: str | None = None,
+    service_level_seconds: float = 20.0,
+) -> dict[str, Any]:
+    """`{"buckets": [{"start", "end", "kpis"}, ...], "total": kpis}` for [start, end) widened
+    to whole buckets; `start`/`end` of a bucket are ISO 8601 with the zone's offset. Raises
+    QueryError (an HTTP 400) for a bad bucket, zone, range or service-level T."""
+    zone, t, k = _check(start, end, bucket, tz, service_level_seconds)
+    lo, hi = _slot(start, up=False), _slot(end, up=True)
+    margin = 2 * _DAY_SLOTS  # room to find the bucket boundaries around the range
+    parts = segments(zone, lo - margin, hi + margin)
+    edges = boundaries(parts, k)
+    first = bisect_right(edges, lo) - 1
+    last = bisect_right(edges, hi - 1)
+    bounds = edges[first : last + 1]
+    sums: list[list[int] | None] = [None] * (len(bounds) - 1)
+    _read(db, parts, bounds, k, sums, channel, queue, agent)
+    rows = [_ZERO if row is None else row for row in sums]
+    buckets = [
+        {
+            "start": _text(bounds[i], parts),
+            "end": _text(bounds[i + 1], parts),
+            "kpis": kpis(row, t),
+        }
+        for i, row in enumerate(rows)
+    ]
+    filled = [row for row in sums if row is not None]
+    total = [sum(column) for column in zip(*filled, strict=True)] if filled else _ZERO
+    return {"buckets": buckets, "total": kpis(total, t)}
+
+
+def _read(
+    db: ReadModelDB,
+    parts: Sequence[_Segment],
+    bounds: Sequence[int],
+    k: int,
+    sums: list[list[int] | None],
+    channel: str | None,
+    queue: str | None,
+    agent: str | None,
+) -> None:
+    """Adds the counters of each bucket into `sums` (one statement per constant offset)."""
+    if not db.table_exists(STATE_TABLE):
+        return
+    key = (channel or ALL, queue or ALL, agent or ALL)
+    with db.read() as tx:
+        state = active_generation(tx, NAME)
+        if state is None:
+            return
+        counts = table(COUNTS, state.generation)
+        for seg in parts:
+            lo, hi = max(seg.start, bounds[0]), min(seg.end, bounds[-1])
+            if lo < hi:
+                _read_segment(tx, counts, seg, lo, hi, k, key, bounds, sums)
+
+
+def _read_segment(
+    tx: Tx,
+    counts: str,
+    seg: _Segment,
+    lo: int,
+    hi: int,
+    k: int,
+    key: tuple[str, str, str],
+    bounds: Sequence[int],
+    sums: list[list[int] | None],
+) -> None:
+    # Within one offset, (slot + offset) // k numbers the local buckets; GROUP BY 1 because
+    # PostgreSQL cannot match a parameterised expression in GROUP BY to the select list.
+    rows = tx.execute(
+        f"SELECT (slot + CAST(? AS BIGINT)) / CAST(? AS BIGINT), {_SUMS} FROM {counts} "
+        "WHERE channel=? AND queue=? AND agent=? AND slot>=? AND slot<? GROUP BY 1",
+        (seg.offset, k, *key, lo, hi),
+    ).fetchall()
+    for group, *values in rows:
+        first_slot = max(int(group) * k - seg.offset, lo)
+        index = bisect_right(bounds, first_slot) - 1
+        target = sums[index]
+        if target is None:
+            sums[index] = values
+        else:  # a day bucket across a change of offset: its two parts add up
+            sums[index] = [a + b for a, b in zip(target, values, strict=True)]
+
+
+def _text(slot: int, parts: Sequence[_Segment]) -> str:
+    """The slot's start as local ISO 8601 with the offset in force at that instant."""
+    for seg in parts:
+        if seg.start <= slot < seg.end:
+            local = _EPOCH_NAIVE + timedelta(seconds=(slot + seg.offset) * SLOT_SECONDS)
+            return local.isoformat() + seg.suffix
+    raise AssertionError(f"slot {slot} outside the segments")  # pragma: no cover
