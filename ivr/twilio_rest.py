@@ -2,9 +2,9 @@
 (`TwilioCalls`) and its implementation with twilio's own REST client on its asyncio transport
 (`TwilioRestCalls`), pointed at `TWILIO_API_BASE` when one is given (tests run a stand-in).
 
-Errors come out as `TemporaryFailure` (Twilio unreachable, 5xx, 429: try again later; for a
-create, Twilio may or may not have placed the call) or `PermanentFailure` (4xx: the request
-itself is wrong, retrying changes nothing).
+Errors come out as `TemporaryFailure` (Twilio unreachable, 5xx, 429, 401 wrong credentials:
+try again later; for a create, Twilio may or may not have placed the call) or
+`PermanentFailure` (other 4xx: the request itself is wrong, retrying changes nothing).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from adapters.twilio_out import _AsyncHttpClient
 # A call's status once it will not change any more.
 TERMINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 _TOO_MANY_REQUESTS = 429
+_UNAUTHORIZED = 401
 _ERRORS = (TwilioRestException, TwilioServiceException, aiohttp.ClientError, OSError, TimeoutError)
 
 
@@ -199,7 +200,8 @@ def _failure(exc: BaseException) -> TwilioCallsError:
 
 def _by_status(status: int, code: int | None, message: str) -> TwilioCallsError:
     reason = f"Twilio {code}: {message}" if code and code != status else f"Twilio: {message}"
-    if status >= 500 or status == _TOO_MANY_REQUESTS:
+    # wrong credentials are the account's problem, not the call's: fixed, it goes through
+    if status >= 500 or status in (_TOO_MANY_REQUESTS, _UNAUTHORIZED):
         return TemporaryFailure(f"{reason} (HTTP {status})")
     return PermanentFailure(f"{reason} (HTTP {status})")
 

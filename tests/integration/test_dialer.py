@@ -582,3 +582,24 @@ async def test_a_restart_while_the_call_rings_polls_it_to_the_end(
     await steps(restarted, 2)
     assert center.callback_names("CA1:callback")[-1] == "AttemptFailed"
     assert len(stub.created()) == 1
+
+
+async def test_wrong_credentials_keep_the_callback_until_they_are_fixed(
+    center: Center, stub: TwilioRestStub, calls: TwilioRestCalls
+) -> None:
+    conversation = center.call_and_ask_for_callback("CA1", ALICE)
+    center.commands.assign(conversation.id, "ann", actor="ann", claim=True)
+    wrong = TwilioRestCalls(ACCOUNT, "not-the-token", stub.url)
+    try:
+        await steps(make_dialer(center, wrong))
+    finally:
+        await wrong.close()
+    assert stub.refused_auth == 1
+    assert stub.created() == []
+    assert center.callback_names("CA1:callback") == ["Requested", "Dialing"]  # not failed
+
+    stub.refused_auth = 0  # seen; the fixture checks no other request was refused
+    center.clock.advance(30)
+    await steps(make_dialer(center, calls))
+    assert len(stub.created()) == 1
+    assert center.callback_names("CA1:callback")[-1] == "Completed"
