@@ -367,6 +367,7 @@ class _Batch:
         offline and handling (an open conversation assigned, a call, a wrap-up); staffed
         when available or busy. Returns the agent's state, to be changed at `at`."""
         row = self.agent(agent_id, at)
+        self.touch("a", agent_id)  # the caller changes it
         start = row["t"]
         if at <= start:
             return row  # a clock that went backwards changes state, not time
@@ -378,7 +379,6 @@ class _Batch:
             if busy or row["p"] == AVAILABLE:
                 self._accrue(agent_id, a, b, busy)
         row["t"] = at
-        self.touch("a", agent_id)
         return row
 
     def _accrue(self, agent_id: str, start: int, end: int, busy: bool) -> None:
