@@ -113,6 +113,8 @@ class CallRecord:
     # how the call left the IVR or queue: callback, voicemail, transfer, hangup, abandoned
     outcome: str | None = None
     queue_seconds: float | None = None
+    # from the answer to the end of the bridge (the queue result), when this process saw both
+    talk_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -523,6 +525,9 @@ class _Call:
             return None
         if result == "bridged":
             self.answered(queue, agent=None, seconds=seconds)
+            answered_at = (self.new_record or self.record or CallRecord()).answered_at
+            if answered_at is not None:
+                self.remember(talk_seconds=_seconds(answered_at, self.now))
             self.say("goodbye")
             self.twiml.hangup()
             return None
@@ -725,12 +730,14 @@ class _Call:
 
     def talk(self, record: CallRecord, duration: int) -> dict[str, Any]:
         assert record.answered_at is not None
-        before = _seconds(record.started_at, record.answered_at)
+        talk = record.talk_seconds
+        if talk is None:  # still talking when the call ended, or the bridge end not seen
+            talk = max(0, duration - _seconds(record.started_at, record.answered_at))
         return {
             "ended_in": "agent",
             "queue": record.queue,
             "agent": record.agent,
-            "talk_seconds": max(0, duration - before),
+            "talk_seconds": talk,
             # Holds by the agent are not visible in the caller's webhooks.
             "hold_seconds": 0,
             "wrap_seconds": 0,

@@ -377,6 +377,21 @@ def test_queue_result_bridged_reports_the_answer_and_says_goodbye() -> None:
     assert answer.step.record.answered_at == OPEN + timedelta(seconds=60)
 
 
+def test_the_talk_time_ends_with_the_bridge_not_with_the_goodbye() -> None:
+    record = CallRecord(started_at=OPEN, queue="billing", answered_at=OPEN + timedelta(seconds=30))
+    bridged = step(
+        QUEUE_RESULT_PATH,
+        wait_query(),
+        now=OPEN + timedelta(seconds=130),
+        record=record,
+        QueueResult="bridged",
+        QueueTime="25",
+    )
+    assert bridged.step.record is not None
+    [ended] = status(bridged.step.record, "140").events
+    assert ended.payload["talk_seconds"] == 100
+
+
 def test_queue_full_goes_to_voicemail() -> None:
     answer = step(QUEUE_RESULT_PATH, wait_query(), QueueResult="queue-full")
     assert "Record" in answer.verbs()
