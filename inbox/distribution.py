@@ -147,6 +147,7 @@ class Distributor:
         self.callbacks_open: set[str] = set()
         self.presence: dict[str, str] = {}  # agent id -> available | away | offline
         self._implicit: set[str] = set()
+        self._to_release: set[str] = set()  # assigned conversations a call came into
         # offers the router withdrew when their agent left: recorded as lapsed
         self._withdrawn: list[tuple[str, str]] = []
         self.stats = RoundStats()
@@ -271,12 +272,18 @@ class Distributor:
                     queue, priority = data.get("queue"), data.get("priority")
                     if call_sid:
                         self.calls[call_sid] = cid
+                    if c.assignee is not None:
+                        # a call into a conversation someone has (from an email, say) is
+                        # routed afresh; the router prefers that agent when they are free
+                        self._to_release.add(cid)
                 self._customer_waits(cid, c, at, None, "", queue=queue, priority=priority)
             elif activity == "call.answered":
                 c.waiting_since = None
             elif activity == "callback.requested" and call_sid:
-                # virtual hold: the caller hangs up but keeps their place in the queue
+                # virtual hold: the caller hangs up but keeps their place in the queue; a
+                # callback asked for from the menu (never queued) joins the queue now
                 c.callback_calls.add(call_sid)
+                self._customer_waits(cid, c, at, None, "", queue=data.get("queue"))
             elif activity in _ENDED_ACTIVITIES and call_sid in c.callback_calls:
                 pass  # the end of a call whose caller asked to be called back
             elif activity in _ENDED_ACTIVITIES and c.assignee is None:
@@ -568,6 +575,16 @@ class Distributor:
                 log.warning("distribution: could not make %s away: %s", lapsed.agent, exc)
         return done
 
+    def _release(self, cid: str) -> int:
+        c = self.convs.get(cid)
+        if c is None or c.assignee is None or c.status == RESOLVED:
+            return 0
+
+        def act(conversation: Conversation, at: str) -> None:
+            conversation.assign(None, actor=ROUTER, at=at)
+
+        return self._record(cid, act)
+
     def _withdraw(self, cid: str, agent: str) -> int:
         c = self.convs.get(cid)
         if c is None or c.offered_to != agent:
@@ -591,6 +608,9 @@ class Distributor:
         self.catch_up()
         now = self.clock().timestamp()
         recorded = self._queue_new()
+        for cid in sorted(self._to_release):
+            recorded += self._release(cid)
+        self._to_release.clear()
         withdrawn, self._withdrawn = self._withdrawn, []
         for cid, agent in withdrawn:
             recorded += self._withdraw(cid, agent)

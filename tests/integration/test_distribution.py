@@ -352,3 +352,33 @@ def test_live_gauges_show_queues_agents_and_callbacks(center: Center) -> None:
     assert sample("inbox_queue_longest_wait_seconds", queue="tech") == 90
     assert sample("inbox_agents", presence="available") == 1
     assert sample("inbox_agents", presence="away") == 0
+
+
+def test_a_callback_asked_for_from_the_menu_joins_the_queue(center: Center) -> None:
+    _call(center, "start", "call.started", to="+15005550006")
+    call = _call(center, "callback", "callback.requested", queue="tech", number="+14155550123")
+    center.agent("ann", capacity={"voice": 1})
+    distributor = center.distributor()
+    distributor.step()
+    conversation = center.conversation(call.id)
+    assert conversation.queue == "tech"
+    assert conversation.offered_to == "ann"
+
+
+def test_a_call_into_an_assigned_conversation_is_routed_to_that_agent_first(
+    center: Center,
+) -> None:
+    center.agent("ann", capacity={"email": 5, "voice": 1})
+    center.agent("bob", capacity={"voice": 1})
+    email = center.contact("m1", email="caller@example.com")
+    distributor = center.distributor()
+    distributor.step()
+    assert center.conversation(email.id).assignee == "ann"  # bob takes no email
+    center.clock.advance(60)
+    _call(center, "start", "call.started", to="+15005550006")
+    _call(center, "queued", "call.queued", queue="default", priority=0)
+    distributor.step()
+    distributor.step()
+    conversation = center.conversation(email.id)
+    assert conversation.assignee is None
+    assert conversation.offered_to == "ann"  # sticky: she served this customer
