@@ -43,6 +43,9 @@ from infra.broker import EmbeddedBroker
 from infra.kafka import app_topics, ensure_topics
 from infra.settings import Settings, chat_secret
 from infra.store import EventStore, open_event_store
+from ivr.connector import CallConnector
+from ivr.dialer import CallbackDialer, directory_voice_to, queue_hours
+from ivr.twilio_rest import TwilioRestCalls
 from projections.db import ReadModelDB, open_read_models
 from projections.directory import list_queues
 from projections.inbox_view import get_item
@@ -323,6 +326,45 @@ async def projections_in_thread(runner: ProjectionRunner) -> AsyncIterator[None]
         await asyncio.to_thread(thread.join, 10)
 
 
+async def _start_voice(
+    parts: Parts,
+    running: contextlib.AsyncExitStack,
+    stop: asyncio.Event,
+    publisher: KafkaPublisher | None,
+) -> list[asyncio.Task[Any]]:
+    """The callback dialer and the call connector (Twilio's REST API); one of each, in the
+    routing process. The connector publishes `call.answered`, so it needs Kafka."""
+    settings = parts.settings
+    assert settings.twilio_account_sid
+    assert settings.twilio_auth_token
+    calls = TwilioRestCalls(
+        settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base
+    )
+    running.push_async_callback(calls.close)
+    directory = build_directory(parts)
+    voice_to = directory_voice_to(directory)
+    tasks: list[asyncio.Task[Any]] = []
+    if settings.twilio_caller_id:
+        dialer = CallbackDialer(
+            parts.store,
+            calls=calls,
+            caller_id=settings.twilio_caller_id,
+            agent_voice_to=voice_to,
+            hours_for=queue_hours(directory),
+        )
+        tasks.append(asyncio.create_task(dialer.run(stop), name="dialer"))
+    else:
+        log.warning("TWILIO_CALLER_ID is not set: callbacks wait, nobody dials them")
+    if publisher is not None:
+        connector = CallConnector(
+            parts.store, calls=calls, publisher=publisher, agent_voice_to=voice_to
+        )
+        tasks.append(asyncio.create_task(connector.run(stop), name="connector"))
+    else:
+        log.warning("no Kafka for the call connector: set INBOX_KAFKA_BOOTSTRAP")
+    return tasks
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -446,6 +488,13 @@ async def run(
             if channels is not None:
                 for close in channels.closers:
                     running.push_async_callback(close)
+            if routing and settings.twilio_account_sid and settings.twilio_auth_token:
+                publisher = channels.publisher if channels is not None else None
+                if publisher is None and settings.kafka_bootstrap is not None:
+                    publisher = build_publisher(settings)
+                    running.push_async_callback(publisher.close)
+                tasks.extend(await _start_voice(parts, running, stop, publisher))
+                started.append("callback dialer and call connector")
             if http:
                 assert channels is not None
                 hub = build_stream_hub(parts)
