@@ -36,6 +36,7 @@ from inbox.domain.queue import DEFAULT_QUEUE
 from inbox.domain.routing import AgentSpec, Offer, OfferLapsed, QueueSpec, Router
 from inbox.domain.sla import SlaClock, SlaPolicy, earliest_due, running_clocks
 from inbox.domain.time import Clock, iso, parse_iso, system_clock
+from ivr.estimate import HandleTimes, estimate_wait
 from projections.base import Event
 from projections.runner import LogSource, decode, read_log
 
@@ -104,6 +105,14 @@ class ConversationState:
 
 
 @dataclass(frozen=True)
+class VoiceView:
+    positions: dict[str, int]  # call sid -> place in its queue
+    staffing: dict[str, tuple[int, int]]  # queue -> (agents free, agents busy)
+    depth: dict[str, int]
+    handle_times: dict[str, list[float]]  # queue ("" = any) -> recent handle times
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     name: str
     spec: dict[str, Any]
@@ -126,7 +135,11 @@ class Distributor:
         router: Router | None = None,
         clock: Clock = system_clock,
         batch_size: int = 2000,
+        decide: bool = True,
     ) -> None:
+        """`decide` False: a mirror that follows the log and keeps the queues' live picture
+        (for the IVR's wait estimates in an `inbox serve` process) but records nothing."""
+        self.decide = decide
         self.store = store
         self.log: LogSource = store
         self.directory = directory
@@ -146,6 +159,9 @@ class Distributor:
         self.callbacks: dict[str, str] = {}  # callback id -> conversation id
         self.callbacks_open: set[str] = set()
         self.presence: dict[str, str] = {}  # agent id -> available | away | offline
+        self.handle_times = HandleTimes(clock=clock)
+        # replaced whole after each round: read from other threads (the IVR's wait loop)
+        self.voice_view = VoiceView({}, {}, {}, {})
         self._implicit: set[str] = set()
         self._to_release: set[str] = set()  # assigned conversations a call came into
         # offers the router withdrew when their agent left: recorded as lapsed
@@ -265,6 +281,7 @@ class Distributor:
             activity = s["activity"]
             data = s.get("data") or {}
             call_sid = data.get("call_sid")
+            self.handle_times.record(activity, data, parse_iso(at))
             if activity in _WAITING_ACTIVITIES:
                 c.channel = s["channel"]
                 queue = priority = None
@@ -607,6 +624,9 @@ class Distributor:
         """One round: read the log, then decide (once caught up). Returns events recorded."""
         self.catch_up()
         now = self.clock().timestamp()
+        if not self.decide:
+            self.update_gauges(now)
+            return 0
         recorded = self._queue_new()
         for cid in sorted(self._to_release):
             recorded += self._release(cid)
@@ -638,6 +658,32 @@ class Distributor:
         for status, count in counts.items():
             telemetry.AGENTS.labels(status).set(count)
         telemetry.CALLBACKS_PENDING.set(len(self.callbacks_open))
+        queues = sorted({*self.queues, *self._implicit})
+        positions = {}
+        for call_sid, cid in self.calls.items():
+            position = self.router.position(cid)
+            if position is not None:
+                positions[call_sid] = position
+        self.voice_view = VoiceView(
+            positions=positions,
+            staffing={q: self.router.staffing(q) for q in queues},
+            depth={q: self.router.depth(q) for q in queues},
+            handle_times={q: self.handle_times.recent(q) for q in ["", *queues]},
+        )
+
+    def queue_info(self, call_sid: str, queue: str) -> tuple[int, float | None, int]:
+        """(position, estimated wait in seconds or None, agents free) of a caller, from the
+        last round's picture; a call not seen yet in the log counts as last in the queue."""
+        view = self.voice_view
+        position = view.positions.get(call_sid) or view.depth.get(queue, 0) + 1
+        free, busy = view.staffing.get(queue, (0, 0))
+        estimate = estimate_wait(
+            position=position,
+            free_agents=free,
+            busy_agents=busy,
+            handle_times=view.handle_times.get(queue) or view.handle_times.get("", []),
+        )
+        return position, estimate, free
 
     def next_deadline(self) -> float | None:
         deadlines = [

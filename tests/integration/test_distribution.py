@@ -382,3 +382,41 @@ def test_a_call_into_an_assigned_conversation_is_routed_to_that_agent_first(
     conversation = center.conversation(email.id)
     assert conversation.assignee is None
     assert conversation.offered_to == "ann"  # sticky: she served this customer
+
+
+def test_a_waiting_caller_hears_an_honest_place_and_estimate(center: Center) -> None:
+    center.agent("ann", capacity={"voice": 1})
+    distributor = center.distributor()
+    # ann handles one call of 300 s (talk 240 + hold 30 + wrap 30): the handle time to go by
+    first = {"channel": "voice", "email": "first@example.com"}
+    center.contact(
+        "CA0:q", type="call.queued", payload={"call_sid": "CA0", "queue": "default"}, **first
+    )
+    distributor.step()
+    center.contact(
+        "CA0:a",
+        type="call.answered",
+        payload={"call_sid": "CA0", "queue": "default", "agent": "ann"},
+        **first,
+    )
+    center.contact(
+        "CA0:e",
+        type="call.ended",
+        payload={"call_sid": "CA0", "talk_seconds": 240, "hold_seconds": 30, "wrap_seconds": 30},
+        **first,
+    )
+    distributor.step()
+    # ann still holds that conversation's offer: busy; two callers queue behind each other
+    _call(center, "queued", "call.queued", queue="default", priority=0)
+    center.clock.advance(1)
+    center.contact(
+        "CA2:queued",
+        channel="voice",
+        email="second@example.com",
+        type="call.queued",
+        payload={"call_sid": "CA2", "queue": "default"},
+    )
+    distributor.step()
+    assert distributor.queue_info("CA1", "default") == (1, 150.0, 0)  # half a handle time
+    assert distributor.queue_info("CA2", "default") == (2, 450.0, 0)  # one more wave
+    assert distributor.queue_info("CA9", "default")[0] == 3  # not in the log yet: last
