@@ -534,7 +534,12 @@ class _Call:
         if result in _VOICEMAIL_RESULTS:
             self.voicemail(queue, self.path)
             return None
-        return EMPTY  # redirected: the call goes on elsewhere
+        # Taken out of the queue by the call connector (REST redirect to the agent's <Dial>),
+        # which publishes call.answered itself: remember it as answered now, so the status
+        # callback reports talk time and no abandon.
+        if result.startswith("redirected") and (self.record is None or not self.record.answered_at):
+            self.remember(queue=queue, answered_at=self.now)
+        return EMPTY
 
     def answered_step(self) -> str:
         seconds = _int(self.request.field("QueueTime"), 0, 10**7)

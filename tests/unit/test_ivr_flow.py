@@ -392,6 +392,22 @@ def test_the_talk_time_ends_with_the_bridge_not_with_the_goodbye() -> None:
     assert ended.payload["talk_seconds"] == 100
 
 
+def test_redirected_to_an_agent_by_the_connector_is_no_abandon() -> None:
+    queued = CallRecord(started_at=OPEN, queue="billing", queued_at=OPEN)
+    redirected = step(
+        QUEUE_RESULT_PATH,
+        wait_query(),
+        now=OPEN + timedelta(seconds=40),
+        record=queued,
+        QueueResult="redirected",
+        QueueTime="40",
+    )
+    assert redirected.events == []  # the connector publishes call.answered
+    [ended] = status(redirected.step.record, "100").events
+    assert ended.type == "call.ended"
+    assert ended.payload["talk_seconds"] == 60
+
+
 def test_queue_full_goes_to_voicemail() -> None:
     answer = step(QUEUE_RESULT_PATH, wait_query(), QueueResult="queue-full")
     assert "Record" in answer.verbs()
