@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from itertools import pairwise, product
 from typing import Any
 
@@ -113,9 +114,23 @@ def calendar_of(spec: dict[str, Any], name: str) -> BusinessHours | None:
 
 
 def roll_ups(key: Key) -> list[Key]:
-    """The 8 rows a key's counters go to: each dimension as itself or `*`."""
+    """The rows a key's counters go to: each dimension as itself or `*` (8 rows; 2 for an
+    agent's time, which is kept under all channels and queues)."""
     slot, channel, queue, agent = key
+    if channel == ALL:
+        return [(slot, ALL, ALL, agent), (slot, ALL, ALL, ALL)]
     return [(slot, c, q, a) for c, q, a in product((channel, ALL), (queue, ALL), (agent, ALL))]
+
+
+@lru_cache(maxsize=4096)
+def _upsert_sql(counts: str, columns: tuple[int, ...]) -> str:
+    names = [COLUMNS[c] for c in columns]
+    marks = ", ".join("?" * (len(names) + 4))
+    sets = ", ".join(f"{c}={counts}.{c}+excluded.{c}" for c in names)
+    return (
+        f"INSERT INTO {counts} (slot, channel, queue, agent, {', '.join(names)}) "
+        f"VALUES ({marks}) ON CONFLICT (channel, queue, agent, slot) DO UPDATE SET {sets}"
+    )
 
 
 class Metrics:
@@ -218,7 +233,7 @@ class _Batch:
         self.cache = cache
         self.rows = cache.rows
         self.dirty: set[tuple[str, str]] = set()
-        self.deltas: dict[Key, list[int]] = {}
+        self.deltas: dict[Key, dict[int, int]] = {}
         self.handlers: dict[str, Callable[[Event], None]] = {
             "Conversation.Opened": self.opened,
             "Conversation.MessageReceived": self.message_received,
@@ -303,25 +318,24 @@ class _Batch:
             "ON CONFLICT (kind, id) DO UPDATE SET data=excluded.data",
             [(k, i, orjson.dumps(rows[k][i]).decode()) for k, i in sorted(self.dirty)],
         )
-        cube: dict[Key, list[int]] = {}
+        # Counters as sparse {column: delta}: an event touches a few of the columns.
+        cube: dict[Key, dict[int, int]] = {}
         for key, delta in self.deltas.items():
             for rolled in roll_ups(key):
                 total = cube.get(rolled)
                 if total is None:
-                    cube[rolled] = list(delta)
+                    cube[rolled] = dict(delta)
                 else:
-                    for i, v in enumerate(delta):
-                        if v:
-                            total[i] += v
-        t = self.counts_table
-        cols = ", ".join(COLUMNS)
-        marks = ", ".join("?" * (_N + 4))
-        sets = ", ".join(f"{c}={t}.{c}+excluded.{c}" for c in COLUMNS)
-        self.tx.executemany(
-            f"INSERT INTO {t} (slot, channel, queue, agent, {cols}) VALUES ({marks}) "
-            f"ON CONFLICT (channel, queue, agent, slot) DO UPDATE SET {sets}",
-            [(*key, *delta) for key, delta in sorted(cube.items())],
-        )
+                    for column, value in delta.items():
+                        total[column] = total.get(column, 0) + value
+        # One upsert statement per set of columns touched (a handful: one per kind of event),
+        # each adding only its own columns.
+        by_columns: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
+        for key, total in sorted(cube.items()):
+            columns = tuple(sorted(total))
+            by_columns.setdefault(columns, []).append((*key, *(total[c] for c in columns)))
+        for columns, params in by_columns.items():
+            self.tx.executemany(_upsert_sql(self.counts_table, columns), params)
 
     # -- counters -----------------------------------------------------------------------
 
@@ -329,8 +343,9 @@ class _Batch:
         key = (at // SLOT_US, channel, queue, agent)
         delta = self.deltas.get(key)
         if delta is None:
-            delta = self.deltas[key] = [0] * _N
-        delta[column] += value
+            self.deltas[key] = {column: value}
+        else:
+            delta[column] = delta.get(column, 0) + value
 
     def business_us(self, queue: str, start: int, end: int) -> int:
         """Business microseconds in [start, end) on the queue's SLA calendar (none: all)."""
@@ -385,9 +400,10 @@ class _Batch:
         staffed, handling = IDX["staffed_us"], IDX["busy_us"]
         while start < end:
             cut = min(end, (start // SLOT_US + 1) * SLOT_US)
-            self.add(start, NONE, NONE, agent_id, staffed, cut - start)
+            # under all channels and queues only: an agent's time belongs to none of them
+            self.add(start, ALL, ALL, agent_id, staffed, cut - start)
             if busy:
-                self.add(start, NONE, NONE, agent_id, handling, cut - start)
+                self.add(start, ALL, ALL, agent_id, handling, cut - start)
             start = cut
 
     def hold(self, conv: dict[str, Any], at: int, *, agent: str, status: str) -> None:

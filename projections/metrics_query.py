@@ -60,53 +60,71 @@ KPI_KEYS = (
 
 _EPOCH_NAIVE = datetime(1970, 1, 1)
 _DAY_SLOTS = 96
-_SUMS = ", ".join(f"CAST(SUM({c}) AS BIGINT)" for c in COLUMNS)
+
+
+def _sums_sql(service_level_seconds: int, *, postgres: bool) -> str:
+    """The select list: a sum per column (PostgreSQL's SUM of BIGINT is NUMERIC, cast back);
+    of the "answered within" columns only the query's own T, the others read as 0."""
+    wanted = f"w{service_level_seconds}"
+    parts = []
+    for c in COLUMNS:
+        if c.startswith("w") and c[1:].isdigit() and c != wanted:
+            parts.append("0")
+        else:
+            parts.append(f"CAST(SUM({c}) AS BIGINT)" if postgres else f"SUM({c})")
+    return ", ".join(parts)
+
+
 _ZERO = [0] * len(COLUMNS)
-_I = IDX
-_VOLUME = [(c, _I[f"v_{c}"]) for c in CHANNELS]
+_WITHIN = {t: i for i, t in enumerate(SL_EDGES)}
+# kpis() unpacks a row by position: the layout it was written for
+assert COLUMNS[:8] == tuple(f"v_{c}" for c in (*CHANNELS, "other"))
+assert COLUMNS[IDX["ans"] + 2 : IDX["abandoned"]] == tuple(f"w{t}" for t in SL_EDGES)
+assert len(COLUMNS) == 33 + len(SL_EDGES)
 
 
 # -- KPIs from sums ---------------------------------------------------------------------
 
 
-def _ratio(part: int, whole: int) -> float | None:
-    return None if whole == 0 else part / whole
-
-
-def _mean_seconds(total_us: int, n: int) -> float | None:
-    return None if n == 0 else total_us / n / US
-
-
 def kpis(sums: Sequence[int], service_level_seconds: int = 20) -> dict[str, Any]:
     """Every KPI from the counters in `COLUMNS` order (a row of the model, or a sum of rows).
     `None` where there is nothing to measure."""
-    s = sums
-    queued = s[_I["ans"]] + s[_I["abandoned"]] + s[_I["cb_queued"]]
-    volume = {channel: s[i] for channel, i in _VOLUME}
-    if s[_I["v_other"]]:
-        volume["other"] = s[_I["v_other"]]
+    (
+        v_email, v_voice, v_sms, v_whatsapp, v_messenger, v_instagram, v_chat, v_other,
+        frt_n, frt_us, frt_bh_us, res_n, res_us, res_bh_us, res_24h, fcr, opened, escalated,
+        ans, wait_us, *within, abandoned, cb_queued, aht_n, aht_us, csat_n, csat_good,
+        cb_req, cb_done, cb_failed, cb_us, cb_bh_us, busy_us, staffed_us,
+    ) = sums  # fmt: skip
+    queued = ans + abandoned + cb_queued
+    volume = {
+        "email": v_email, "voice": v_voice, "sms": v_sms, "whatsapp": v_whatsapp,
+        "messenger": v_messenger, "instagram": v_instagram, "chat": v_chat,
+    }  # fmt: skip
+    if v_other:
+        volume["other"] = v_other
+    # inline rather than helpers: a 90-day hourly answer computes this 2,160 times
     return {
-        "first_response_time": _mean_seconds(s[_I["frt_us"]], s[_I["frt_n"]]),
-        "first_response_time_business": _mean_seconds(s[_I["frt_bh_us"]], s[_I["frt_n"]]),
-        "resolution_time": _mean_seconds(s[_I["res_us"]], s[_I["res_n"]]),
-        "resolution_time_business": _mean_seconds(s[_I["res_bh_us"]], s[_I["res_n"]]),
-        "resolved_within_24h": _ratio(s[_I["res_24h"]], s[_I["res_n"]]),
-        "asa": _mean_seconds(s[_I["wait_us"]], s[_I["ans"]]),
-        "abandonment_rate": _ratio(s[_I["abandoned"]], queued),
-        "service_level": _ratio(s[_I[f"w{service_level_seconds}"]], queued),
-        "aht": _mean_seconds(s[_I["aht_us"]], s[_I["aht_n"]]),
-        "fcr": _ratio(s[_I["fcr"]], s[_I["res_n"]]),
-        "csat": _ratio(s[_I["csat_good"]], s[_I["csat_n"]]),
-        "escalation_rate": _ratio(s[_I["escalated"]], s[_I["opened"]]),
+        "first_response_time": frt_us / frt_n / US if frt_n else None,
+        "first_response_time_business": frt_bh_us / frt_n / US if frt_n else None,
+        "resolution_time": res_us / res_n / US if res_n else None,
+        "resolution_time_business": res_bh_us / res_n / US if res_n else None,
+        "resolved_within_24h": res_24h / res_n if res_n else None,
+        "asa": wait_us / ans / US if ans else None,
+        "abandonment_rate": abandoned / queued if queued else None,
+        "service_level": within[_WITHIN[service_level_seconds]] / queued if queued else None,
+        "aht": aht_us / aht_n / US if aht_n else None,
+        "fcr": fcr / res_n if res_n else None,
+        "csat": csat_good / csat_n if csat_n else None,
+        "escalation_rate": escalated / opened if opened else None,
         "volume": volume,
         "callbacks": {
-            "requested": s[_I["cb_req"]],
-            "completed": s[_I["cb_done"]],
-            "failed": s[_I["cb_failed"]],
-            "mean_time_to_callback": _mean_seconds(s[_I["cb_us"]], s[_I["cb_done"]]),
-            "mean_time_to_callback_business": _mean_seconds(s[_I["cb_bh_us"]], s[_I["cb_done"]]),
+            "requested": cb_req,
+            "completed": cb_done,
+            "failed": cb_failed,
+            "mean_time_to_callback": cb_us / cb_done / US if cb_done else None,
+            "mean_time_to_callback_business": cb_bh_us / cb_done / US if cb_done else None,
         },
-        "agent_utilization": _ratio(s[_I["busy_us"]], s[_I["staffed_us"]]),
+        "agent_utilization": busy_us / staffed_us if staffed_us else None,
     }
 
 
@@ -234,15 +252,15 @@ def metrics(
     last = bisect_right(edges, hi - 1)
     bounds = edges[first : last + 1]
     sums: list[list[int] | None] = [None] * (len(bounds) - 1)
-    _read(db, parts, bounds, k, sums, channel, queue, agent)
-    rows = [_ZERO if row is None else row for row in sums]
+    _read(db, parts, bounds, k, sums, (channel, queue, agent), t)
+    texts = _texts(bounds, parts)
     buckets = [
         {
-            "start": _text(bounds[i], parts),
-            "end": _text(bounds[i + 1], parts),
-            "kpis": kpis(row, t),
+            "start": texts[i],
+            "end": texts[i + 1],
+            "kpis": kpis(_ZERO if row is None else row, t),
         }
-        for i, row in enumerate(rows)
+        for i, row in enumerate(sums)
     ]
     filled = [row for row in sums if row is not None]
     total = [sum(column) for column in zip(*filled, strict=True)] if filled else _ZERO
@@ -255,28 +273,30 @@ def _read(
     bounds: Sequence[int],
     k: int,
     sums: list[list[int] | None],
-    channel: str | None,
-    queue: str | None,
-    agent: str | None,
+    filters: tuple[str | None, str | None, str | None],
+    service_level_seconds: int,
 ) -> None:
     """Adds the counters of each bucket into `sums` (one statement per constant offset)."""
     if not db.table_exists(STATE_TABLE):
         return
+    channel, queue, agent = filters
     key = (channel or ALL, queue or ALL, agent or ALL)
     with db.read() as tx:
         state = active_generation(tx, NAME)
         if state is None:
             return
         counts = table(COUNTS, state.generation)
+        sums_sql = _sums_sql(service_level_seconds, postgres=tx.is_postgres)
         for seg in parts:
             lo, hi = max(seg.start, bounds[0]), min(seg.end, bounds[-1])
             if lo < hi:
-                _read_segment(tx, counts, seg, lo, hi, k, key, bounds, sums)
+                _read_segment(tx, counts, sums_sql, seg, lo, hi, k, key, bounds, sums)
 
 
 def _read_segment(
     tx: Tx,
     counts: str,
+    sums_sql: str,
     seg: _Segment,
     lo: int,
     hi: int,
@@ -288,7 +308,7 @@ def _read_segment(
     # Within one offset, (slot + offset) // k numbers the local buckets; GROUP BY 1 because
     # PostgreSQL cannot match a parameterised expression in GROUP BY to the select list.
     rows = tx.execute(
-        f"SELECT (slot + CAST(? AS BIGINT)) / CAST(? AS BIGINT), {_SUMS} FROM {counts} "
+        f"SELECT (slot + CAST(? AS BIGINT)) / CAST(? AS BIGINT), {sums_sql} FROM {counts} "
         "WHERE channel=? AND queue=? AND agent=? AND slot>=? AND slot<? GROUP BY 1",
         (seg.offset, k, *key, lo, hi),
     ).fetchall()
@@ -302,10 +322,14 @@ def _read_segment(
             sums[index] = [a + b for a, b in zip(target, values, strict=True)]
 
 
-def _text(slot: int, parts: Sequence[_Segment]) -> str:
-    """The slot's start as local ISO 8601 with the offset in force at that instant."""
-    for seg in parts:
-        if seg.start <= slot < seg.end:
-            local = _EPOCH_NAIVE + timedelta(seconds=(slot + seg.offset) * SLOT_SECONDS)
-            return local.isoformat() + seg.suffix
-    raise AssertionError(f"slot {slot} outside the segments")  # pragma: no cover
+def _texts(bounds: Sequence[int], parts: Sequence[_Segment]) -> list[str]:
+    """Each boundary as local ISO 8601 with the offset in force at that instant."""
+    texts = []
+    i = 0
+    for slot in bounds:
+        while not parts[i].start <= slot < parts[i].end:
+            i += 1
+        seg = parts[i]
+        local = _EPOCH_NAIVE + timedelta(seconds=(slot + seg.offset) * SLOT_SECONDS)
+        texts.append(local.isoformat() + seg.suffix)
+    return texts
