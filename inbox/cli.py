@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--conversation", type=UUID)
     which.add_argument("--customer", type=UUID)
     audit.add_argument("--format", choices=["table", "jsonl"], default="table")
+    ivr = sub.add_parser("ivr", help="the IVR menu")
+    ivr_sub = ivr.add_subparsers(dest="ivr_command", required=True)
+    check = ivr_sub.add_parser("check", help="validate a menu file; every problem with its place")
+    check.add_argument("file")
+    check.add_argument("--queues", help="comma-separated queue names the menu may use")
     forget = sub.add_parser("forget", help="erase a customer's personal data (kept replayable)")
     forget.add_argument("--customer", type=UUID, required=True)
     forget.add_argument("--actor", default="cli", help="who asked (recorded with the erasure)")
@@ -115,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _audit(args)
     if args.command == "forget":
         return _forget(args)
+    if args.command == "ivr":
+        from ivr.cli import check_command, parse_queues
+
+        return check_command(args.file, parse_queues(args.queues))
 
     from infra.settings import load_settings
 
@@ -132,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from infra import composition
+    from ivr.menu import InvalidMenu
 
     if args.command not in ("dev", "route") and settings.kafka_bootstrap is None:
         print(
@@ -147,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }[args.command]
     import uvloop  # libuv's loop: about twice the webhook throughput of asyncio's (bench/)
 
+    if http:
+        try:  # a bad menu file stops the start with every problem and its place
+            composition.load_ivr_menu(settings)
+        except InvalidMenu as exc:
+            print(exc, file=sys.stderr)
+            return 1
     uvloop.run(
         composition.run(
             settings,

@@ -45,7 +45,10 @@ from infra.settings import Settings, chat_secret
 from infra.store import EventStore, open_event_store
 from ivr.connector import CallConnector
 from ivr.dialer import CallbackDialer, directory_voice_to, queue_hours
+from ivr.flow import QueueInfo
+from ivr.menu import Menu, load_bundled_example, load_menu
 from ivr.twilio_rest import TwilioRestCalls
+from ivr.voice import voice_routes
 from projections.db import ReadModelDB, open_read_models
 from projections.directory import list_queues
 from projections.inbox_view import get_item
@@ -105,7 +108,25 @@ def build_publisher(settings: Settings) -> KafkaPublisher:
     )
 
 
-def build_channels(parts: Parts) -> Channels:
+def load_ivr_menu(settings: Settings) -> Menu:
+    """The IVR menu (INBOX_IVR_CONFIG, else the bundled example); InvalidMenu names every
+    problem with its place."""
+    return load_menu(settings.ivr_config) if settings.ivr_config else load_bundled_example()
+
+
+def queue_info_from(queues: Distributor | None) -> Callable[[str, str], Awaitable[QueueInfo]]:
+    async def queue_info(call_sid: str, queue: str) -> QueueInfo:
+        if queues is None:
+            return QueueInfo(position=None, estimate_seconds=None, agents_available=0)
+        position, estimate, free = queues.queue_info(call_sid, queue)
+        return QueueInfo(position=position, estimate_seconds=estimate, agents_available=free)
+
+    return queue_info
+
+
+def build_channels(
+    parts: Parts, *, menu: Menu | None = None, queues: Distributor | None = None
+) -> Channels:
     settings = parts.settings
     publisher = build_publisher(settings)
     chat = ChatGateway(publisher, chat_secret(settings), ReadModelChatHistory(parts.read_models))
@@ -127,6 +148,13 @@ def build_channels(parts: Parts) -> Channels:
         ),
         *chat.routes(),
         *surveys.routes(),
+        *voice_routes(
+            publisher,
+            menu=menu or load_ivr_menu(settings),
+            auth_token=settings.twilio_auth_token,
+            public_url=settings.public_url,
+            queue_info=queue_info_from(queues),
+        ),
     ]
     senders: dict[str, ChannelSender] = {"chat": ChatSender(chat.hub)}
     hold_reasons: dict[str, str] = {}
@@ -411,6 +439,7 @@ def _banner(settings: Settings, parts_started: list[str], say: Callable[[str], N
             f"  agents' stream    ws://{settings.http_host}:{settings.http_port}/api/v1/stream?token=T"
         )
         say(f"  webhooks          {public}/twilio/messaging  {public}/webhooks/meta")
+        say(f"  voice (Twilio)    {public}/twilio/voice  status: {public}/twilio/voice/status")
     if "SMTP" in parts_started:
         domains = ", ".join(settings.email_domains)
         say(f"  SMTP              {settings.smtp_host}:{settings.smtp_port}  ({domains})")
@@ -442,6 +471,8 @@ async def run(
     delivery = http if delivery is None else delivery
     with contextlib.suppress(NotImplementedError, RuntimeError):
         _stop_on_signals(stop)
+    # A bad menu file stops the start, before anything runs, with every problem named.
+    menu = load_ivr_menu(settings) if http else None
     with contextlib.ExitStack() as stack:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if http or worker or smtp or delivery:
@@ -457,6 +488,7 @@ async def run(
                 for wake in wakers:
                     wake()
 
+            distributor: Distributor | None = None
             if routing:
                 distributor = Distributor(parts.store, build_directory(parts))
                 wakers.append(distributor.nudge)
@@ -464,6 +496,11 @@ async def run(
                     asyncio.create_task(distributor.run(stop, stored=stored), name="routing")
                 )
                 started.append("routing")
+            elif http and settings.twilio_auth_token:
+                # the IVR's wait loop needs the queues' live picture: a mirror that decides
+                # nothing (the routing process decides)
+                distributor = Distributor(parts.store, build_directory(parts), decide=False)
+                tasks.append(asyncio.create_task(distributor.run(stop), name="queue mirror"))
                 if not http and settings.metrics_port is not None:
                     # `inbox route` shows its live gauges (queues, agents, callbacks)
                     metrics, thread = start_http_server(settings.metrics_port, settings.http_host)
@@ -484,7 +521,11 @@ async def run(
                     stack.callback(thread.join, 5)
                     stack.callback(metrics.shutdown)
                     started.append(f"metrics on :{settings.metrics_port}")
-            channels = build_channels(parts) if (http or smtp or delivery) else None
+            channels = (
+                build_channels(parts, menu=menu, queues=distributor)
+                if (http or smtp or delivery)
+                else None
+            )
             if channels is not None:
                 for close in channels.closers:
                     running.push_async_callback(close)
