@@ -97,7 +97,11 @@ async def test_a_caller_is_queued_offered_to_an_agent_and_put_through(
     await _as(stack, ann, "PUT", "/api/v1/agents/me/presence", {"status": "available"})
     call = stub.add_call(CALLER, OUR_NUMBER, status="in-progress")
     public = stack.settings.public_url
-    async with httpx.AsyncClient(timeout=10) as client:
+    async def pace(request: httpx.Request) -> None:
+        if request.url.path.endswith("/wait"):  # Twilio plays hold music between loops
+            await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(timeout=10, event_hooks={"request": [pace]}) as client:
         simulator = CallSimulator(
             client=client,
             base_url=public,
