@@ -328,14 +328,13 @@ class _Batch:
                 else:
                     for column, value in delta.items():
                         total[column] = total.get(column, 0) + value
-        # One upsert statement per set of columns touched (a handful: one per kind of event),
-        # each adding only its own columns.
-        by_columns: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
+        params = []
         for key, total in sorted(cube.items()):
-            columns = tuple(sorted(total))
-            by_columns.setdefault(columns, []).append((*key, *(total[c] for c in columns)))
-        for columns, params in by_columns.items():
-            self.tx.executemany(_upsert_sql(self.counts_table, columns), params)
+            full = [0] * _N
+            for column, value in total.items():
+                full[column] = value
+            params.append((*key, *full))
+        self.tx.executemany(_upsert_sql(self.counts_table, tuple(range(_N))), params)
 
     # -- counters -----------------------------------------------------------------------
 

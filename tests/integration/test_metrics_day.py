@@ -28,11 +28,16 @@ Agents: sue (registered 08:00, available 08:45, away 10:30, offline 11:00) and t
 
 from __future__ import annotations
 
+import csv
+import io
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from inbox.domain.agent import Agent
@@ -40,6 +45,7 @@ from inbox.domain.callback import Callback
 from inbox.domain.conversation import Conversation
 from inbox.domain.queue import Queue
 from inbox.domain.time import iso
+from inbox.report import report
 from infra.store import EventStore, open_event_store
 from projections.db import ReadModelDB, open_read_models
 from projections.metrics import Metrics
@@ -577,3 +583,33 @@ def test_service_level_threshold_is_a_query_parameter(day: Day) -> None:
 
     # C1 waited 15 s: within 15 and 20 s, not within 10 s; 3 calls had a queue outcome.
     assert (level(10), level(15), level(20)) == (0.0, pytest.approx(1 / 3), pytest.approx(1 / 3))
+
+
+def test_report_in_every_format(day: Day, tmp_path: Path) -> None:
+    query: dict[str, Any] = {"start": t(7), "end": t(13), "bucket": "hour"}
+    shown = report(day.db, fmt="json", out=tmp_path / "day.json", **query)
+    assert orjson.loads((tmp_path / "day.json").read_bytes()) == shown == metrics(day.db, **query)
+
+    report(day.db, fmt="csv", out=tmp_path / "day.csv", **query)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "day.csv").read_text())))
+    assert [r["start"][11:16] for r in rows] == [
+        "07:00",
+        "08:00",
+        "09:00",
+        "10:00",
+        "11:00",
+        "12:00",
+    ]
+    assert (rows[1]["aht"], rows[1]["volume_voice"], rows[0]["aht"]) == ("330.0", "1", "")
+    assert rows[2]["callbacks_requested"] == "2"
+
+    text = io.StringIO()
+    report(day.db, fmt="table", out=text, **query)
+    assert "total" in text.getvalue()
+    assert "2 requested, 1 completed, 1 failed" in text.getvalue()
+
+    png = io.BytesIO()
+    report(day.db, fmt="png", out=png, **query)
+    assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png.getvalue()[16:24])
+    assert (width, height) == (1920, 1080)
