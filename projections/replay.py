@@ -17,6 +17,7 @@ from inbox.domain.sla import SlaPolicy
 from infra.settings import Settings
 from infra.store import EventStore, open_event_store
 from projections.base import Projection
+from projections.contacts_weekly import ContactsWeekly
 from projections.db import ReadModelDB, open_read_models
 from projections.directory import DirectoryView, list_queues
 from projections.escalations import Escalations
@@ -41,6 +42,7 @@ PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "timeline": Timeline,
     "directory": DirectoryView,
     "escalations": Escalations,
+    "contacts_weekly": ContactsWeekly,
 }
 
 # progress(position, head): called after every batch.
