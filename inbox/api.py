@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -33,6 +33,7 @@ from infra.store import EventStore
 from projections import directory, inbox_view, timeline, tracking
 from projections.db import ReadModelDB
 from projections.escalations import escalation_queues
+from projections.metrics_query import metrics
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
@@ -521,6 +522,35 @@ async def escalations(request: Request) -> Response:
     return JSONResponse({"queues": queues})
 
 
+async def kpis(request: Request) -> Response:
+    """`GET /api/v1/metrics?from&to&bucket&channel&queue&agent&tz&sl` (CONTRACT's KPIs);
+    default: the last 24 hours by hour, UTC, service level within 20 s."""
+    await _authenticate(request, "metrics.read")
+    params = request.query_params
+    end = _timestamp(params["to"], "to") if "to" in params else datetime.now(UTC)
+    start = _timestamp(params["from"], "from") if "from" in params else end - timedelta(days=1)
+    try:
+        service_level = float(params.get("sl", "20"))
+    except ValueError:
+        raise ApiError(422, "invalid", "sl must be a number of seconds") from None
+    try:
+        result = await _off_loop(
+            metrics,
+            _context(request).read_models,
+            start=start,
+            end=end,
+            bucket=params.get("bucket", "hour"),
+            tz=params.get("tz", "UTC"),
+            channel=params.get("channel"),
+            queue=params.get("queue"),
+            agent=params.get("agent"),
+            service_level_seconds=service_level,
+        )
+    except ValueError as exc:  # QueryError: a bad bucket, zone, range or T
+        raise ApiError(400, "bad_query", str(exc)) from None
+    return JSONResponse(result)
+
+
 async def healthz(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -554,6 +584,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/v1/customers/{id}/unmerge", unmerge_customer, methods=["POST"]),
         Route("/api/v1/customers/{id}/vip", set_vip, methods=["POST"]),
         Route("/api/v1/escalations", escalations),
+        Route("/api/v1/metrics", kpis),
     ]
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import orjson
@@ -34,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--conversation", type=UUID)
     which.add_argument("--customer", type=UUID)
     audit.add_argument("--format", choices=["table", "jsonl"], default="table")
+    report = sub.add_parser("report", help="the KPIs of the metrics read model")
+    report.add_argument("--from", dest="start", help="ISO 8601 (default: 24 hours ago)")
+    report.add_argument("--to", dest="end", help="ISO 8601 (default: now)")
+    report.add_argument("--bucket", choices=["15m", "hour", "day"], default="hour")
+    report.add_argument("--format", choices=["table", "json", "csv", "png"], default="table")
+    report.add_argument("--tz", default="UTC", help="the buckets' time zone")
+    report.add_argument("--channel")
+    report.add_argument("--queue")
+    report.add_argument("--agent")
+    report.add_argument("--out", help="file to write (png: default report.png)")
     ivr = sub.add_parser("ivr", help="the IVR menu")
     ivr_sub = ivr.add_subparsers(dest="ivr_command", required=True)
     check = ivr_sub.add_parser("check", help="validate a menu file; every problem with its place")
@@ -43,6 +54,45 @@ def _parser() -> argparse.ArgumentParser:
     forget.add_argument("--customer", type=UUID, required=True)
     forget.add_argument("--actor", default="cli", help="who asked (recorded with the erasure)")
     return parser
+
+
+def _instant(text: str | None, default: datetime) -> datetime:
+    if text is None:
+        return default
+    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from inbox.report import report
+    from infra.settings import load_settings
+    from projections.db import open_read_models
+
+    end = _instant(args.end, datetime.now(UTC))
+    start = _instant(args.start, end - timedelta(days=1))
+    out = args.out or ("report.png" if args.format == "png" else None)
+    db = open_read_models(load_settings())
+    try:
+        report(
+            db,
+            start=start,
+            end=end,
+            bucket=args.bucket,
+            fmt=args.format,
+            out=out if out is not None else sys.stdout,
+            tz=args.tz,
+            channel=args.channel,
+            queue=args.queue,
+            agent=args.agent,
+        )
+    except ValueError as exc:
+        print(f"inbox report: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.close()
+    if out is not None:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 def _forget(args: argparse.Namespace) -> int:
@@ -120,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _audit(args)
     if args.command == "forget":
         return _forget(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "ivr":
         from ivr.cli import check_command, parse_queues
 

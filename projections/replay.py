@@ -22,6 +22,7 @@ from projections.db import ReadModelDB, open_read_models
 from projections.directory import DirectoryView, list_queues
 from projections.escalations import Escalations
 from projections.inbox_view import InboxView
+from projections.metrics import Metrics
 from projections.runner import LogSource, ProjectionRunner, apply_batch, read_log
 from projections.timeline import Timeline
 from projections.tracking import (
@@ -43,6 +44,7 @@ PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "directory": DirectoryView,
     "escalations": Escalations,
     "contacts_weekly": ContactsWeekly,
+    "metrics": Metrics,
 }
 
 # progress(position, head): called after every batch.

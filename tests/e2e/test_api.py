@@ -4,10 +4,11 @@ port, worker, projections) driven over real sockets."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from tests.e2e.conftest import Stack, listed
-from tests.support import contact_event, produce
+from tests.support import T0, contact_event, produce
 
 
 async def test_a_contact_event_from_any_kafka_client_shows_up_in_the_inbox(stack: Stack) -> None:
@@ -111,3 +112,32 @@ async def wait_until_async(probe: Any, timeout: float = 30) -> Any:  # noqa: ASY
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.05)
     return value
+
+
+async def test_metrics_follow_the_traffic(stack: Stack) -> None:
+    assert stack.settings.kafka_bootstrap is not None
+    await produce(
+        stack.settings.kafka_bootstrap,
+        stack.settings.contact_events_topic,
+        [
+            contact_event("k1", customer={"phone": "+14155550181"}),
+            contact_event("k2", customer={"phone": "+14155550182"}, seconds=5),
+            contact_event("k3", channel="email", customer={"email": "k@example.com"}, seconds=9),
+        ],
+    )
+    window = {
+        "from": (T0 - timedelta(hours=1)).isoformat(),
+        "to": (T0 + timedelta(hours=1)).isoformat(),
+        "bucket": "hour",
+    }
+    for _ in range(400):
+        answer = (await stack.get("/api/v1/metrics", **window)).json()
+        if answer["total"]["volume"]["sms"] == 2 and answer["total"]["volume"]["email"] == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert answer["total"]["volume"]["sms"] == 2
+    assert answer["total"]["volume"]["email"] == 1
+    assert len(answer["buckets"]) == 2
+    bad = await stack.get("/api/v1/metrics", bucket="fortnight")
+    assert bad.status_code == 400
+    assert bad.json()["error"]["code"] == "bad_query"

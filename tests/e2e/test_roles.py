@@ -78,6 +78,7 @@ ENDPOINTS: list[tuple[str, str, Any, frozenset[str]]] = [
     ),
     ("POST", f"/api/v1/customers/{UNKNOWN}/vip", {"vip": True}, frozenset({"admin", "supervisor"})),
     ("GET", "/api/v1/escalations", None, frozenset({"admin", "supervisor"})),
+    ("GET", "/api/v1/metrics", None, frozenset({"admin", "supervisor", "auditor"})),
 ]
 
 
