@@ -97,6 +97,7 @@ async def test_a_caller_is_queued_offered_to_an_agent_and_put_through(
     await _as(stack, ann, "PUT", "/api/v1/agents/me/presence", {"status": "available"})
     call = stub.add_call(CALLER, OUR_NUMBER, status="in-progress")
     public = stack.settings.public_url
+
     async def pace(request: httpx.Request) -> None:
         if request.url.path.endswith("/wait"):  # Twilio plays hold music between loops
             await asyncio.sleep(0.05)
