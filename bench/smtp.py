@@ -29,7 +29,7 @@ import aiosmtplib
 import uvloop
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from adapters.email_in import smtp_server
+from adapters.email_in import InboxSMTP, smtp_server
 from adapters.kafka import KafkaPublisher
 from infra.broker import EmbeddedBroker, free_port
 from infra.kafka import ensure_topics, make_consumer
@@ -113,11 +113,11 @@ class Discard:
         return "250 OK"
 
 
-async def raw_limit(args: argparse.Namespace) -> dict[str, Any]:
+async def raw_limit(args: argparse.Namespace, protocol: type[SMTP]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     handler = Discard()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname=DOMAIN, data_size_limit=25 * 1024 * 1024, loop=loop),
+        lambda: protocol(handler, hostname=DOMAIN, data_size_limit=25 * 1024 * 1024, loop=loop),
         "127.0.0.1",
         0,
     )
@@ -169,12 +169,14 @@ async def main(args: argparse.Namespace) -> None:
         bootstrap = broker.bootstrap
     try:
         ours = await pipeline(args, bootstrap)
-        limit = await raw_limit(args)
+        limit = await raw_limit(args, SMTP)
+        ours_limit = await raw_limit(args, InboxSMTP)
     finally:
         if broker is not None:
             await asyncio.to_thread(broker.stop)
     rate = ours["mails"] / ours["elapsed"]
     raw_rate = limit["mails"] / limit["elapsed"]
+    ours_raw_rate = ours_limit["mails"] / ours_limit["elapsed"]
     print(
         f"{args.mails} mails of {args.size} B over {args.connections} connections "
         f"(client in its own process)"
@@ -188,6 +190,11 @@ async def main(args: argparse.Namespace) -> None:
         f"raw limit (aiosmtpd, handler discards):        {raw_rate:8.0f} emails/s   "
         f"({limit['elapsed']:.2f} s, failures {limit['failures']})"
     )
+    print(
+        f"raw limit (InboxSMTP, handler discards):       {ours_raw_rate:8.0f} emails/s   "
+        f"({ours_limit['elapsed']:.2f} s, failures {ours_limit['failures']})"
+    )
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if ours["failures"] or ours["published"] != args.mails:
         print(f"WARNING: failures {ours['first']}", file=sys.stderr)
         sys.exit(1)

@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adapters.attachments import AttachmentStore
-from adapters.email_in import SmtpServer, smtp_server
+from adapters.email_in import InboxSMTP, SmtpServer, smtp_server
 from adapters.email_out import SmtpSender
 from adapters.kafka import KafkaPublisher
 from adapters.outbound import OutboundMessage, PermanentFailure, TemporaryFailure
@@ -389,6 +391,168 @@ def test_auth_without_tls_is_refused(tmp_path: Path) -> None:
             data_dir=tmp_path,
             auth={"u": "p"},
         )
+
+
+async def test_lines_starting_with_a_dot_arrive_intact(channel: Channel) -> None:
+    mail = EmailMessage()
+    mail["From"] = "Alice <alice@customer.test>"
+    mail["To"] = "support@example.com"
+    mail["Subject"] = "Dots"
+    mail["Message-ID"] = "<dots-1@customer.test>"
+    mail.set_content("first\n.\n..two\n.three\nlast.\n")
+    # CRLF line ends, as an MTA sends them: smtplib doubles each leading dot.
+    await sendmail(channel.port, mail.as_bytes(policy=policy.SMTP))
+    [event] = await channel.events(1)
+    assert event.payload["text"] == "first\n.\n..two\n.three\nlast.\n"
+
+
+# ------------------------------------------------ InboxSMTP against aiosmtpd's own SMTP
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.contents: list[bytes] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.contents.append(envelope.original_content or b"")
+        return "250 kept"
+
+
+DIFF_SIZE_LIMIT = 4000
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    lines = [await reader.readline()]
+    while lines[-1][3:4] == b"-":
+        lines.append(await reader.readline())
+    return b"".join(lines)
+
+
+async def _converse(port: int, chunks: list[bytes], pipelined: bool) -> list[bytes]:
+    """One transaction, the data written in `chunks`; the replies from EHLO on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await _reply(reader)  # the greeting names aiosmtpd's version: not compared
+        replies = []
+        for command in (b"EHLO client.test", b"MAIL FROM:<a@customer.test>", b"RCPT TO:<s@x.test>"):
+            writer.write(command + b"\r\n")
+            replies.append(await _reply(reader))
+        writer.write(b"DATA\r\n")
+        replies.append(await _reply(reader))
+        for index, chunk in enumerate(chunks):
+            last = index == len(chunks) - 1
+            writer.write(chunk + (b"NOOP\r\n" if last and pipelined else b""))
+            await writer.drain()
+            await asyncio.sleep(0)
+        replies.append(await _reply(reader))
+        if not pipelined:
+            writer.write(b"NOOP\r\n")
+        replies.append(await _reply(reader))  # the reader took no more than the data
+        return replies
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def _both(chunks: list[bytes], pipelined: bool) -> tuple[Any, Any]:
+    loop = asyncio.get_running_loop()
+    results = []
+    for protocol in (SMTP, InboxSMTP):
+        handler = Capture()
+        server = await loop.create_server(
+            lambda p=protocol, h=handler: p(  # type: ignore[misc]
+                h, hostname="mx.test", data_size_limit=DIFF_SIZE_LIMIT, loop=loop
+            ),
+            "127.0.0.1",
+            0,
+        )
+        try:
+            port = server.sockets[0].getsockname()[1]
+            results.append((await _converse(port, chunks, pipelined), handler.contents))
+        finally:
+            server.close()
+            await server.wait_closed()
+    return results[0], results[1]
+
+
+# Pieces that reach the edges: lines of 999-1004 bytes (the 1001-byte limit with its CRLF and
+# the stream reader's own limit), dots anywhere, bare CR and LF, data around the size limit.
+_PIECES = [b"a", b".", b"\r", b"\n", b" ", b"x" * 100, b"y" * 499, b"z" * 997, b"w" * 1000]
+_LINES = st.lists(
+    st.builds(
+        lambda dot, parts: (b"." if dot else b"") + b"".join(parts),
+        st.booleans(),
+        st.lists(st.sampled_from(_PIECES), max_size=6),
+    ),
+    max_size=8,
+)
+
+
+def _stream(lines: list[bytes]) -> bytes | None:
+    data = b"".join(line + b"\r\n" for line in lines)
+    if b"\r\n.\r\n" in b"\r\n" + data:
+        return None  # the data would end early: not one transaction
+    return data + b".\r\n"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stream=_LINES.map(_stream).filter(lambda s: s is not None),
+    cuts=st.lists(st.integers(min_value=1, max_value=6000), max_size=6),
+    pipelined=st.booleans(),
+)
+def test_data_reader_answers_and_keeps_what_aiosmtpd_does(
+    stream: bytes, cuts: list[int], pipelined: bool
+) -> None:
+    points = sorted({c for c in cuts if c < len(stream)})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    theirs, ours = asyncio.run(_both(chunks, pipelined))
+    assert ours == theirs
+
+
+def test_data_reader_refusals_match_aiosmtpd() -> None:
+    """The three answers each met at least once (the property above draws them at random)."""
+    cases = {
+        b"ok\r\n.\r\n": b"250",
+        b"a" * 1000 + b"\r\n.\r\n": b"500",  # 1002 bytes with its CRLF
+        (b"b" * 70 + b"\r\n") * 80 + b".\r\n": b"552",
+        b"c" * 2000 + b"\r\n" + (b"d" * 70 + b"\r\n") * 80 + b".\r\n": b"500",
+    }
+    for stream, code in cases.items():
+        theirs, ours = asyncio.run(_both([stream], pipelined=False))
+        assert ours == theirs
+        assert ours[0][-2].startswith(code)
+
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    arg=st.one_of(
+        st.text(alphabet=_ATEXT + '<>@. "()[]:;,\\\t\u00e9', max_size=40),
+        st.builds(
+            lambda local, domain, rest: f"<{local}@{domain}>{rest}",
+            st.text(alphabet=_ATEXT + '. "\u00e9', min_size=1, max_size=12),
+            st.text(alphabet="abcXZ09-.[]:", min_size=1, max_size=12),
+            st.sampled_from(["", " SIZE=2000", " BODY=8BITMIME SMTPUTF8", "x", " <b@c>"]),
+        ),
+    )
+)
+def test_plain_paths_read_as_aiosmtpd_reads_them(arg: str) -> None:
+    def outcome(read: Any) -> object:
+        try:
+            return read(arg)
+        except (LookupError, ValueError, AttributeError, TypeError) as exc:
+            # aiosmtpd's parser raises on some input ("<"): so must we
+            return type(exc)
+
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = InboxSMTP(Capture(), loop=loop)
+        assert outcome(protocol._getaddr) == outcome(lambda a: SMTP._getaddr(protocol, a))
+    finally:
+        loop.close()
 
 
 # --------------------------------------------------------------------------- outbound
