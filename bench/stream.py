@@ -2,7 +2,7 @@
 stream clients, beside the raw limit (the same fan-out of a pre-serialised frame to 1,000
 sockets of the same server, without the hub).
 
-    python -m bench.stream [--clients 1000] [--rounds 50] [--deflate]
+    python -m bench.stream [--clients 1000] [--rounds 50] [--deflate] [--gc-freeze]
 
 The server runs in its own process (uvicorn on uvloop, the websocket implementation `inbox
 serve` gets), with a `StreamHub` on a SQLite event store; every client is a supervisor, so all
@@ -14,10 +14,18 @@ Each round measures from just before the change is stored until the last client 
   the request to do so is in the figure;
 - polled: this process stores the event in the same SQLite file; the hub finds it by polling
   (every 20 ms), as it finds what another process (the ingest worker) stored;
-- raw limit: the server sends one pre-serialised frame to 1,000 plain websocket sockets in a loop.
+- raw limit, send loop: the server sends one pre-serialised frame to 1,000 plain websocket
+  sockets in a loop of `await websocket.send_text(...)` (Starlette, then uvicorn's protocol);
+- raw limit, direct writes: the same, with the frame built once and written to each socket's
+  transport (what the hub does on uvicorn's websockets-sansio protocol): the floor.
+
+The server also reports its garbage collections during the measured rounds (count per
+generation and the longest pause), and how long its own part of each raw round took.
 
 `--deflate`: the clients ask for permessage-deflate, as browsers and the `websockets` library do;
 uvicorn then compresses every frame once per socket.
+`--gc-freeze`: the server calls `gc.freeze()` once the clients are connected, so the collector
+no longer walks the objects of the startup and of the connections.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import resource
 import signal
@@ -35,8 +44,10 @@ import tempfile
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import orjson
+import uvloop
 
 from inbox.domain.conversation import Conversation
 from infra.broker import free_port
@@ -47,16 +58,17 @@ AT = "2026-11-27T09:00:00.000000Z"
 # --------------------------------------------------------------------------- server process
 
 
-def serve(port: int, data_dir: str) -> None:
+def serve(port: int, data_dir: str, server_deflate: bool) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route, WebSocketRoute
+    from starlette.types import Receive, Scope, Send
     from starlette.websockets import WebSocket, WebSocketDisconnect
 
     from inbox.access import Principal
-    from inbox.stream import StreamHub
+    from inbox.stream import StreamHub, protocol_of, text_frame
     from infra.settings import load_settings
     from infra.store import open_event_store
 
@@ -68,7 +80,9 @@ def serve(port: int, data_dir: str) -> None:
     hub = StreamHub(
         store, authenticate=authenticate, queue_skill=lambda q: None, lookup=lambda c: None
     )
-    raw_sockets: set[WebSocket] = set()
+    raw_sockets: dict[WebSocket, Any] = {}  # socket -> uvicorn's protocol (None: another)
+    pauses = GcPauses()
+    gc.callbacks.append(pauses.callback)
 
     async def emit(request: Request) -> Response:
         n = int(request.query_params["n"])
@@ -76,23 +90,45 @@ def serve(port: int, data_dir: str) -> None:
         hub.nudge()
         return JSONResponse({"cursor": ids[-1]})
 
-    async def raw_socket(websocket: WebSocket) -> None:
-        await websocket.accept()
-        raw_sockets.add(websocket)
-        try:
-            while (await websocket.receive())["type"] != "websocket.disconnect":
-                pass
-        finally:
-            raw_sockets.discard(websocket)
+    class RawSocket:  # an ASGI app, so it gets uvicorn's own `receive` (as the hub does)
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            websocket = WebSocket(scope, receive=receive, send=send)
+            await websocket.accept()
+            raw_sockets[websocket] = protocol_of(receive)
+            try:
+                while (await websocket.receive())["type"] != "websocket.disconnect":
+                    pass
+            finally:
+                raw_sockets.pop(websocket, None)
 
     async def raw_send(request: Request) -> Response:
-        frame = orjson.dumps(
+        payload = orjson.dumps(
             {"cursor": -int(request.query_params["n"]), "type": "message", "data": {}}
-        ).decode()
-        for websocket in list(raw_sockets):
-            with contextlib.suppress(WebSocketDisconnect):
-                await websocket.send_text(frame)
-        return JSONResponse({"sent": len(raw_sockets)})
+        )
+        started = time.perf_counter()
+        if request.query_params.get("direct"):
+            wire = text_frame(payload)
+            for protocol in list(raw_sockets.values()):
+                if protocol.conn.extensions:  # permessage-deflate: compressed per socket
+                    protocol.conn.send_text(payload)
+                    protocol.transport.write(b"".join(protocol.conn.data_to_send()))
+                else:
+                    protocol.transport.write(wire)
+        else:
+            frame = payload.decode()
+            for websocket in list(raw_sockets):
+                with contextlib.suppress(WebSocketDisconnect):
+                    await websocket.send_text(frame)
+        return JSONResponse({"sent": len(raw_sockets), "took": time.perf_counter() - started})
+
+    async def gc_control(request: Request) -> Response:
+        action = request.query_params["do"]
+        if action == "freeze":
+            gc.collect()
+            gc.freeze()
+        elif action == "start":
+            pauses.reset()
+        return JSONResponse(pauses.report())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -107,7 +143,8 @@ def serve(port: int, data_dir: str) -> None:
         *hub.routes(),
         Route("/emit", emit, methods=["POST"]),
         Route("/raw", raw_send, methods=["POST"]),
-        WebSocketRoute("/raw", raw_socket),
+        Route("/gc", gc_control, methods=["POST"]),
+        WebSocketRoute("/raw", RawSocket()),
     ]
     uvicorn.run(
         Starlette(routes=routes, lifespan=lifespan),
@@ -117,7 +154,30 @@ def serve(port: int, data_dir: str) -> None:
         access_log=False,
         lifespan="on",
         backlog=4096,
+        ws_per_message_deflate=server_deflate,
     )
+
+
+class GcPauses:
+    """The server's garbage collections: how many per generation, and the longest pause."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = [0, 0, 0]
+        self.longest = 0.0
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        self.counts[info["generation"]] += 1
+        self.longest = max(self.longest, time.perf_counter() - self.started)
+
+    def report(self) -> dict[str, Any]:
+        return {"collections": self.counts, "longest": self.longest}
 
 
 def conversation(n: int) -> Conversation:
@@ -147,9 +207,8 @@ class Client(asyncio.Protocol):
         self.inflate = zlib.decompressobj(-15) if deflate else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.request)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.open.done():
@@ -310,8 +369,11 @@ async def bench(args: argparse.Namespace) -> None:
     store = open_event_store(load_settings({"INBOX_DATA_DIR": data_dir}))
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.stream", "serve", str(port), data_dir, start_new_session=True
+        *(sys.executable, "-m", "bench.stream", "serve", str(port), data_dir),
+        "deflate" if args.server_deflate else "no-deflate",
+        start_new_session=True,
     )
+    load_before = os.getloadavg()
     try:
         await wait_listening(port, proc)
         hub_round, raw_round = Round(args.clients), Round(args.clients)
@@ -335,18 +397,29 @@ async def bench(args: argparse.Namespace) -> None:
             await asyncio.to_thread(store.save, conversation(n))
             return started
 
-        async def raw(n: int) -> float:
-            raw_round.expect(-n - 1)
-            started = time.monotonic()
-            await post(port, f"/raw?n={n + 1}")
-            return started
+        server_loop: dict[str, list[float]] = {"send": [], "direct": []}
+
+        def raw(mode: str) -> Callable[[int], Awaitable[float]]:
+            async def measure(n: int) -> float:
+                raw_round.expect(-n - 1)
+                started = time.monotonic()
+                answer = await post(port, f"/raw?n={n + 1}" + ("&direct=1" * (mode == "direct")))
+                server_loop[mode].append(orjson.loads(answer)["took"])
+                return started
+
+            return measure
 
         warm = 5
-        await rounds(warm, raw, raw_round)
+        await rounds(warm, raw("send"), raw_round)
         await rounds(warm, nudged, hub_round)
-        raw_times = await rounds(args.rounds, raw, raw_round)
+        if args.gc_freeze:
+            await post(port, "/gc?do=freeze")
+        await post(port, "/gc?do=start")
+        raw_times = await rounds(args.rounds, raw("send"), raw_round)
+        direct_times = await rounds(args.rounds, raw("direct"), raw_round)
         nudged_times = await rounds(args.rounds, nudged, hub_round)
         polled_times = await rounds(args.rounds, polled, hub_round)
+        collected = orjson.loads(await post(port, "/gc?do=report"))
         for client in hub_clients + raw_clients:
             if client.transport is not None:
                 client.transport.close()
@@ -354,16 +427,40 @@ async def bench(args: argparse.Namespace) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 10)
         store.close()
-    compression = "permessage-deflate" if args.deflate else "no compression"
+    load_after = os.getloadavg()
+    compression = "permessage-deflate" if deflated(args) else "no compression"
     print(
         f"{args.clients:,} stream clients (supervisors), {args.rounds} rounds, one uvicorn "
-        f"worker on uvloop, {compression}, {os.cpu_count()} CPUs; time until the last client "
-        "got the frame"
+        f"worker on uvloop, {compression}{', gc.freeze()' * args.gc_freeze}, "
+        f"{os.cpu_count()} CPUs; time until the last client got the frame"
     )
-    print(summary("raw limit (pre-serialised frame, plain loop)", raw_times))
+    print(
+        f"load average (1, 5, 15 min): before {fmt_load(load_before)}, after {fmt_load(load_after)}"
+    )
+    print(summary("raw limit, send loop (send_text per socket)", raw_times))
+    print(summary("raw limit, direct writes (one frame, written)", direct_times))
     print(summary("stored in the server + nudge", nudged_times))
     print(summary("stored by another process (hub polls)", polled_times))
+    for mode, label in (("send", "send loop"), ("direct", "direct writes")):
+        took = sorted(server_loop[mode][-args.rounds :])
+        print(
+            f"  the server's own loop, {label}: p50 {statistics.median(took) * 1000:.1f} ms, "
+            f"max {took[-1] * 1000:.1f} ms"
+        )
+    counts = collected["collections"]
+    print(
+        f"  server GC during the measured rounds: {counts[0]} / {counts[1]} / {counts[2]} "
+        f"collections (gen 0 / 1 / 2), longest pause {collected['longest'] * 1000:.1f} ms"
+    )
     print("target: every client within 200 ms")
+
+
+def deflated(args: argparse.Namespace) -> bool:
+    return bool(args.deflate and args.server_deflate)
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
 
 
 def raise_open_files_limit() -> None:
@@ -378,14 +475,25 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     raise_open_files_limit()
     if argv[:1] == ["serve"]:
-        serve(int(argv[1]), argv[2])
+        serve(int(argv[1]), argv[2], argv[3] == "deflate")
         return
     parser = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--deflate", action="store_true")
+    parser.add_argument(
+        "--deflate", action="store_true", help="the clients ask for permessage-deflate"
+    )
+    parser.add_argument(
+        "--no-server-deflate",
+        dest="server_deflate",
+        action="store_false",
+        help="serve with uvicorn's ws_per_message_deflate=False (the clients' ask is declined)",
+    )
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() in the server once connected"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(bench(args))
+    uvloop.run(bench(args))  # as the server: the clients' own cost stays small
 
 
 if __name__ == "__main__":

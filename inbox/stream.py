@@ -13,6 +13,11 @@ read model) about conversations it has not seen.
 
 Presence: when an agent's last socket closes, `on_gone(agent)` is awaited after `grace`
 seconds unless they reconnect in time.
+
+Speed: on uvicorn's websockets-sansio protocol (what `inbox serve` runs) a live frame is written
+from the fan-out loop itself, straight into each socket's transport, without a task switch per
+client; the frames of one batch go out in one write per socket. A client whose transport pushes
+back gets the next frames in its bounded buffer, drained by its own task (1013 when it fills).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import struct
 import threading
 import time
 from collections import deque
@@ -32,7 +38,10 @@ from uuid import UUID
 import orjson
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 
 from inbox.access import Principal
 from inbox.domain import ids
@@ -48,6 +57,9 @@ CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_RESTARTING = 1012
 CLOSE_TRY_AGAIN = 1013
+# A client's frames of one batch are written together, or at once when they reach this size
+# (the transport's default high-water mark), so a burst is never held in memory per client.
+FLUSH_AT: Final = 64 * 1024
 
 # Domain event -> frame type. Events not named here are not sent (their cursor is skipped).
 TYPES: Final[Mapping[str, str]] = {
@@ -208,6 +220,19 @@ def frame_of(event: Event, before: ConversationScope | None, agent: str | None) 
     return event.notification_id, orjson.dumps(message).decode(), audience
 
 
+def text_frame(payload: bytes) -> bytes:
+    """An unfragmented, unmasked websocket text frame (RFC 6455 5.2), as a server sends it
+    without extensions: built once and written to every socket."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, size))
+    elif size < 0x10000:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    return head + payload
+
+
 class StreamSource(LogSource, Protocol):
     """The log, plus one aggregate's events (to learn a conversation's scope at a point in its
     history, or an agent's id, when replaying from the store). `EventStore` has both."""
@@ -221,19 +246,35 @@ Lookup = Callable[[str], ConversationScope | None]
 # --------------------------------------------------------------------------- clients
 
 
+def protocol_of(receive: Receive) -> WebSocketsSansIOProtocol | None:
+    """uvicorn's websockets-sansio protocol of a socket, found through the ASGI `receive`
+    callable (its bound method); None under any other server or implementation."""
+    owner = getattr(receive, "__self__", None)
+    return owner if isinstance(owner, WebSocketsSansIOProtocol) else None
+
+
 @dataclass(eq=False)
 class _Client:
     websocket: WebSocket
     principal: Principal
     cursor: int  # everything visible to this client up to here has been sent
     max_buffer: int
+    # uvicorn's protocol, when live frames can be written to its transport from the fan-out
+    protocol: WebSocketsSansIOProtocol | None = None
     buffer: deque[tuple[int, str]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     live: bool = False
+    busy: bool = False  # its own task is sending (or about to): frames go to the buffer
     last_sent: float = 0.0  # loop time of the last frame sent
     beat: bool = False  # a heartbeat is due
     close_code: int | None = None  # set: close with it (overflow, shutdown, disconnected)
     close_reason: str = ""  # "{cursor}" in it: the client's cursor when it is closed
+    # Written directly, not yet flushed: raw frames, or (with an extension such as
+    # permessage-deflate) frames waiting in the protocol's own connection object.
+    pending: list[bytes] = field(default_factory=list)
+    pending_bytes: int = 0
+    dirty: bool = False  # in the hub's list of clients to flush
+    extended: bool = False  # an extension was negotiated: frames go through the connection
 
     def push(self, cursor: int, text: str) -> bool:
         """Queues a live frame; False when the buffer is full (the client is too slow)."""
@@ -241,6 +282,77 @@ class _Client:
             return False
         self.buffer.append((cursor, text))
         self.wake.set()
+        return True
+
+    def writable(self) -> WebSocketsSansIOProtocol | None:
+        """The protocol, when the next frame may be written straight to it: nothing queued
+        ahead of it, its own task not sending, and the transport not pushing back."""
+        protocol = self.protocol
+        if protocol is None or self.buffer or self.busy or not protocol.writable.is_set():
+            return None
+        return protocol
+
+    def offer(
+        self, cursor: int, text: str, payload: bytes, wire: bytes, now: float, dirty: list[_Client]
+    ) -> bool:
+        """Hands a live frame on: written directly (flushed with the batch) when it can be,
+        else queued; False when the queue is full."""
+        protocol = self.writable()
+        if protocol is None:
+            return self.push(cursor, text)
+        if self.close_code is not None or protocol.close_sent or protocol.disconnected:
+            return True  # going away: its own task finishes it
+        if self.extended:
+            try:
+                protocol.conn.send_text(payload)  # compressed into the connection's writes
+            except InvalidState:
+                return True  # the close handshake began: nothing more is sent
+        else:
+            self.pending.append(wire)
+        self.pending_bytes += len(wire)
+        self.cursor = cursor
+        self.last_sent = now
+        if not self.dirty:
+            self.dirty = True
+            dirty.append(self)
+        if self.pending_bytes >= FLUSH_AT:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Writes what `offer` gathered, in one write."""
+        self.dirty = False
+        self.pending_bytes = 0
+        protocol = self.protocol
+        if protocol is None:
+            return
+        if self.extended:
+            data = b"".join(protocol.conn.data_to_send())
+        else:
+            data = b"".join(self.pending)  # one frame: the very same bytes object, no copy
+            self.pending.clear()
+        if data and not protocol.transport.is_closing():
+            protocol.transport.write(data)
+
+    def heartbeat(self, position: int, now: float) -> bool:
+        """Writes a heartbeat directly; False when it cannot (the client's task sends it)."""
+        protocol = self.writable()
+        if protocol is None or self.close_code is not None:
+            return False
+        if protocol.close_sent or protocol.disconnected:
+            return True
+        # Nothing queued or in flight: everything visible up to the hub's position is sent.
+        self.cursor = max(self.cursor, position)
+        self.last_sent = now
+        payload = orjson.dumps({"type": "heartbeat", "cursor": self.cursor})
+        if self.extended:
+            try:
+                protocol.conn.send_text(payload)
+            except InvalidState:
+                return True
+        else:
+            self.pending.append(text_frame(payload))
+        self.flush()
         return True
 
     def end(self, code: int, reason: str) -> None:
@@ -316,6 +428,7 @@ class StreamHub:
         self._gone_since: dict[str, float] = {}  # agent id -> when their last socket closed
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeats_checked = 0.0
+        self._dirty: list[_Client] = []  # clients written to in this batch, to flush
 
     # -- public ----------------------------------------------------------------------------
 
@@ -324,7 +437,8 @@ class StreamHub:
         return self._position
 
     def routes(self) -> list[BaseRoute]:
-        return [WebSocketRoute(PATH, self._endpoint, name="stream")]
+        # An ASGI app rather than an endpoint function: it gets the server's own `receive`.
+        return [WebSocketRoute(PATH, _StreamApp(self), name="stream")]
 
     def connected(self, agent_id: str) -> bool:
         return self._sockets.get(agent_id, 0) > 0
@@ -332,6 +446,12 @@ class StreamHub:
     def sockets(self, agent_id: str) -> int:
         """How many stream sockets the agent has open here."""
         return self._sockets.get(agent_id, 0)
+
+    def live_clients(self) -> tuple[int, int]:
+        """(live clients, those of them whose frames are written directly by the fan-out);
+        the rest are served by a task each (a server other than uvicorn's websockets-sansio)."""
+        clients = [c for group in self._live.values() for c in group]
+        return len(clients), sum(c.protocol is not None for c in clients)
 
     def nudge(self) -> None:
         """Something was just stored in this process: read the log now. Thread-safe."""
@@ -386,9 +506,15 @@ class StreamHub:
             return 0
         events = decode(records, HANDLED)
         await self._learn(events)
+        # From here to the flush nothing is awaited: no client sees half a batch.
+        now = asyncio.get_running_loop().time()
         for event in events:
-            self._fan_out(event)
+            self._fan_out(event, now)
         self._position = records[-1][0]
+        dirty = self._dirty
+        for client in dirty:
+            client.flush()
+        dirty.clear()
         self._trim_recent()
         return len(records)
 
@@ -429,7 +555,7 @@ class StreamHub:
             return name if isinstance(name, str) else None
         return None
 
-    def _fan_out(self, event: Event) -> None:
+    def _fan_out(self, event: Event, now: float) -> None:
         oid = event.originator_id
         if event.name.startswith("Conversation."):
             before = self._scopes.get(oid)
@@ -445,14 +571,17 @@ class StreamHub:
         cursor, text, audience = frame
         self._recent.append(frame)
         self._recent_cursors.append(cursor)
-        slow: list[_Client] = []
-        queue_skill = self._queue_skill
+        payload = text.encode()
+        wire = text_frame(payload)  # once, for every socket without extensions
+        slow: list[_Client] | None = None
+        queue_skill, dirty = self._queue_skill, self._dirty
         for principal, clients in self._live.items():
             if principal.sees_everything or audience.admits(principal, queue_skill):
                 for client in clients:
-                    if not client.push(cursor, text):
+                    if not client.offer(cursor, text, payload, wire, now, dirty):
+                        slow = slow or []
                         slow.append(client)
-        for client in slow:
+        for client in slow or ():
             self._leave_live(client)
             client.end(CLOSE_TRY_AGAIN, "too slow; reconnect with after={cursor}")
 
@@ -557,7 +686,9 @@ class StreamHub:
             raise _Denied(503, "unavailable", "the stream is starting; try again")
         return principal, after
 
-    async def _endpoint(self, websocket: WebSocket) -> None:
+    async def _endpoint(
+        self, websocket: WebSocket, protocol: WebSocketsSansIOProtocol | None
+    ) -> None:
         try:
             principal, after = await self._admit(websocket)
         except _Denied as denied:
@@ -565,7 +696,8 @@ class StreamHub:
             return
         await websocket.accept()
         start = self._position if after is None else after
-        client = _Client(websocket, principal, start, self._max_buffer)
+        client = _Client(websocket, principal, start, self._max_buffer, protocol)
+        client.extended = protocol is not None and bool(protocol.conn.extensions)
         self._attach(principal)
         receiver = asyncio.create_task(self._receive(client))
         try:
@@ -613,9 +745,12 @@ class StreamHub:
         await self._send_live(client)
 
     async def _send_live(self, client: _Client) -> None:
+        """Sends what the fan-out could not write directly (all of it, without uvicorn's
+        protocol), and the close."""
         websocket, buffer = client.websocket, client.buffer
         loop = asyncio.get_running_loop()
         while True:
+            client.busy = True  # the fan-out queues behind what this task sends
             while buffer and client.close_code is None:
                 cursor, text = buffer.popleft()
                 if cursor > client.cursor:  # never twice
@@ -632,6 +767,7 @@ class StreamHub:
                 beat = {"type": "heartbeat", "cursor": client.cursor}
                 await websocket.send_text(orjson.dumps(beat).decode())
                 continue
+            client.busy = False
             client.wake.clear()
             await client.wake.wait()
         code = client.close_code
@@ -646,10 +782,12 @@ class StreamHub:
         if now - self._heartbeats_checked < min(self._heartbeat / 4, 1.0):
             return
         self._heartbeats_checked = now
-        due = now - self._heartbeat
+        due, position = now - self._heartbeat, self._position
         for clients in self._live.values():
             for client in clients:
-                if client.last_sent <= due and not client.beat:
+                # written here when it can be, else its task sends it
+                due_now = client.last_sent <= due and not client.beat
+                if due_now and not client.heartbeat(position, now):
                     client.beat = True
                     client.wake.set()
 
@@ -702,3 +840,15 @@ class StreamHub:
             await on_gone(agent)
         except Exception:  # one failed presence update must not stop the stream
             log.exception("stream: recording %s away failed", agent)
+
+
+class _StreamApp:
+    """The stream's ASGI app. Starlette hands an app (unlike an endpoint function) the server's
+    own `receive` callable, the way to uvicorn's protocol for direct writes."""
+
+    def __init__(self, hub: StreamHub) -> None:
+        self._hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive=receive, send=send)
+        await self._hub._endpoint(websocket, protocol_of(receive))

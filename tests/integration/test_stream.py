@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 import pytest
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -63,8 +65,36 @@ class Stream:
         return connect(f"{self.url}?{query}", **options)
 
 
+class ReceiveWrapped:
+    """A middleware-like ASGI wrapper whose `receive` is not uvicorn's own: the hub cannot
+    write directly and serves each client from its own task (as under another server)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def wrapped() -> Any:
+            return await receive()
+
+        await self.app(scope, wrapped, send)
+
+
+def served_by_tasks(routes: list[BaseRoute]) -> list[BaseRoute]:
+    return [
+        WebSocketRoute(r.path, ReceiveWrapped(r.app)) if isinstance(r, WebSocketRoute) else r
+        for r in routes
+    ]
+
+
+# How live frames reach the sockets: written by the fan-out (raw frames, or through the
+# protocol's connection when permessage-deflate is on), or sent by a task per client.
+PATHS = ["direct", "direct-deflate", "task"]
+
+
 @contextlib.asynccontextmanager
-async def streaming(store: EventStore, **options: Any) -> AsyncIterator[Stream]:
+async def streaming(
+    store: EventStore, *, direct: bool = True, **options: Any
+) -> AsyncIterator[Stream]:
     gone: list[str] = []
 
     async def on_gone(agent: str) -> None:
@@ -85,7 +115,8 @@ async def streaming(store: EventStore, **options: Any) -> AsyncIterator[Stream]:
     task = asyncio.create_task(hub.run(stop))
     try:
         await wait_until(lambda: hub.position > 0 or store.max_notification_id() == 0)
-        async with serving(hub.routes(), free_port()) as base:
+        routes = hub.routes() if direct else served_by_tasks(hub.routes())
+        async with serving(routes, free_port()) as base:
             yield Stream(hub, base.replace("http", "ws", 1) + "/api/v1/stream", gone)
     finally:
         stop.set()
@@ -128,6 +159,7 @@ def registered(agent: str) -> Agent:
         skills=[],
         languages=[],
         capacity={},
+        voice_to=None,
         token_hash="x",
         actor="admin",
         at=AT,
@@ -191,16 +223,20 @@ async def read_until_closed(ws: ClientConnection, cursors: list[int]) -> None:
 # --------------------------------------------------------------------------- resume
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("replay_buffer", [20_000, 3], ids=["from-memory", "from-store"])
 async def test_a_client_resuming_after_a_burst_gets_every_frame_once_in_order(
-    store: EventStore, replay_buffer: int
+    store: EventStore, replay_buffer: int, path: str
 ) -> None:
+    compression = "deflate" if path == "direct-deflate" else None
     # given a supervisor on the stream while a burst of events is being stored
-    async with streaming(store, replay_buffer=replay_buffer) as stream:
+    async with streaming(store, replay_buffer=replay_buffer, direct=path != "task") as stream:
         # (max_queue=None: a websockets client that stopped reading at its queue limit waits
         # out its close timeout when closing)
-        async with stream.connect("t-sue", max_queue=None) as ws:
+        async with stream.connect("t-sue", max_queue=None, compression=compression) as ws:
             start = (await hello(ws))["cursor"]
+            await wait_until(lambda: stream.hub.live_clients()[0] == 1)
+            assert stream.hub.live_clients() == (1, 0 if path == "task" else 1)
 
             left = threading.Event()
 
@@ -224,7 +260,7 @@ async def test_a_client_resuming_after_a_burst_gets_every_frame_once_in_order(
         await writer  # the rest is stored while nobody listens
         head = store.max_notification_id()
         # and comes back with the last cursor it got
-        async with stream.connect("t-sue", after=last) as ws:
+        async with stream.connect("t-sue", after=last, compression=compression) as ws:
             assert (await hello(ws))["cursor"] == last
             second = await frames(ws, reaching(head))
     # then it got every frame exactly once, in the order stored
@@ -378,11 +414,16 @@ async def test_a_bad_request_is_refused_with_an_http_status(
 # --------------------------------------------------------------------------- heartbeats
 
 
+@pytest.mark.parametrize("path", PATHS)
 async def test_an_idle_connection_gets_heartbeats_carrying_how_far_it_is_served(
-    store: EventStore,
+    store: EventStore, path: str
 ) -> None:
     await save(store, opened("billing", 1))
-    async with streaming(store, heartbeat=0.2) as stream, stream.connect("t-dave") as ws:
+    compression = "deflate" if path == "direct-deflate" else None
+    async with (
+        streaming(store, heartbeat=0.2, direct=path != "task") as stream,
+        stream.connect("t-dave", compression=compression) as ws,
+    ):
         # given an agent with nothing to see
         start = (await hello(ws))["cursor"]
         assert start == store.max_notification_id()
@@ -451,10 +492,13 @@ async def test_an_agent_away_longer_than_the_grace_period_is_gone_once(
 # --------------------------------------------------------------------------- slow consumers
 
 
-async def test_a_client_too_slow_for_its_buffer_is_closed_and_resumes(store: EventStore) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "task"])
+async def test_a_client_too_slow_for_its_buffer_is_closed_and_resumes(
+    store: EventStore, direct: bool
+) -> None:
     big = "x" * 64_000
     # (one notification a round, so a client that keeps up is never more than a few behind)
-    async with streaming(store, max_buffer=16, batch=1) as stream:
+    async with streaming(store, max_buffer=16, batch=1, direct=direct) as stream:
         port = int(stream.url.split(":")[2].split("/")[0])
         # given a client that stops reading, and one that keeps up
         async with (

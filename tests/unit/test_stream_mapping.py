@@ -1,14 +1,19 @@
-"""The stream's pure rules: which frame an event becomes, how a conversation's scope moves, and
-who may see a frame."""
+"""The stream's pure rules: which frame an event becomes, how a conversation's scope moves,
+who may see a frame, and how a live frame is handed to a socket (written with its batch, or
+queued behind what is already queued)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from typing import Any
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
 
 from inbox.access import Principal
 from inbox.domain.conversation import Conversation
@@ -17,9 +22,11 @@ from inbox.stream import (
     TYPES,
     Audience,
     ConversationScope,
+    _Client,
     admits,
     message_of,
     next_scope,
+    text_frame,
 )
 from projections.base import Event
 
@@ -213,3 +220,97 @@ def test_a_presence_change_goes_to_that_agent_only_beside_supervisors() -> None:
     assert audience.admits(ANN, SKILLS.get)
     assert not audience.admits(Principal("bob", "agent", frozenset({"billing"})), SKILLS.get)
     assert audience.admits(SUE, SKILLS.get)
+
+
+# --------------------------------------------------------------------------- handing frames on
+
+
+@FUZZ
+@given(st.binary(max_size=70_000) | st.sampled_from([b"x" * n for n in (125, 126, 65535, 65536)]))
+def test_a_frame_built_once_is_the_text_frame_websockets_would_send(payload: bytes) -> None:
+    # given any payload (the lengths around the 7-, 16- and 64-bit size forms among them)
+    # when it is framed once for every socket
+    # then it is byte for byte what the websockets library sends for it from a server
+    assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+
+
+@dataclass
+class FakeTransport:
+    writes: list[bytes] = field(default_factory=list)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@dataclass
+class FakeProtocol:
+    """The parts of uvicorn's websockets-sansio protocol the fan-out touches."""
+
+    transport: FakeTransport = field(default_factory=FakeTransport)
+    writable: asyncio.Event = field(default_factory=asyncio.Event)
+    close_sent: bool = False
+    disconnected: bool = False
+
+
+def direct_client(max_buffer: int = 2) -> tuple[_Client, FakeProtocol]:
+    protocol = FakeProtocol()
+    protocol.writable.set()
+    client = _Client(cast(Any, None), SUE, 0, max_buffer, cast(Any, protocol))
+    client.live = True
+    return client, protocol
+
+
+def offer(client: _Client, cursor: int, dirty: list[_Client]) -> bool:
+    text = f'{{"cursor": {cursor}}}'
+    payload = text.encode()
+    return client.offer(cursor, text, payload, text_frame(payload), 1.0, dirty)
+
+
+def test_the_frames_of_one_batch_go_out_in_one_write_in_order() -> None:
+    # given a client whose socket takes writes
+    client, protocol = direct_client()
+    dirty: list[_Client] = []
+    # when three frames are fanned out in one batch
+    assert all(offer(client, cursor, dirty) for cursor in (5, 6, 7))
+    # then nothing is written before the batch is flushed, then all three at once, in order
+    assert protocol.transport.writes == []
+    assert dirty == [client]
+    client.flush()
+    expected = b"".join(text_frame(f'{{"cursor": {c}}}'.encode()) for c in (5, 6, 7))
+    assert protocol.transport.writes == [expected]
+    assert (client.cursor, client.buffer, client.pending) == (7, deque(), [])
+
+
+def test_a_socket_pushing_back_gets_its_frames_queued_and_never_overtaken() -> None:
+    # given a client whose transport pushes back after a first frame
+    client, protocol = direct_client(max_buffer=2)
+    dirty: list[_Client] = []
+    assert offer(client, 1, dirty)
+    client.flush()
+    protocol.writable.clear()
+    # when more frames come
+    assert offer(client, 2, dirty)
+    # then they are queued for the client's own task, which is woken
+    assert list(client.buffer) == [(2, '{"cursor": 2}')]
+    assert client.wake.is_set()
+    # and once the transport takes writes again, a later frame still queues behind them
+    protocol.writable.set()
+    assert offer(client, 3, dirty)
+    assert [c for c, _ in client.buffer] == [2, 3]
+    assert len(protocol.transport.writes) == 1
+    # and the frame that finds the queue full is refused (the hub closes with 1013)
+    assert not offer(client, 4, dirty)
+
+
+def test_while_the_clients_task_sends_new_frames_queue_behind_it() -> None:
+    # given a client whose own task is sending (a heartbeat, or a queued frame)
+    client, protocol = direct_client()
+    client.busy = True
+    # when a frame is fanned out
+    assert offer(client, 9, [])
+    # then it is queued, not written past the frame in flight
+    assert [c for c, _ in client.buffer] == [9]
+    assert protocol.transport.writes == []
