@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from email import policy
 from email.errors import MessageError
 from email.header import decode_header, make_header
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr, parsedate_to_datetime
@@ -48,6 +49,7 @@ MAX_PARTS = 500  # a mail of thousands of empty parts costs time and brings noth
 
 _MESSAGE_ID = re.compile(r"<([^<>\s\x00-\x1f\x7f]{1,500})>")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 _HEADER_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _AUTOMATIC_SENDERS = frozenset({"mailer-daemon", "postmaster"})
 _BULK_PRECEDENCE = frozenset({"bulk", "auto_reply", "junk"})
@@ -145,6 +147,25 @@ def parse_email(raw: bytes, *, envelope_from: str | None, recipients: list[str])
     )
 
 
+class _HeaderClasses(HeaderRegistry):
+    """policy.default's header factory builds a new class (an ABCMeta one) for every header it
+    parses, ~40 µs each, three or more per mail; the class for a name is always the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        found = self._classes.get(key)
+        if found is None:
+            found = self._classes[key] = super().__getitem__(name)
+        return found
+
+
+# policy.default, parsing exactly as it does, without a class built per header.
+_POLICY = policy.default.clone(header_factory=_HeaderClasses())
+
 _MISSING = object()
 
 
@@ -188,7 +209,7 @@ def _parse_single_part(raw: bytes) -> Message | None:
     head = raw[: end.end()]
     if head.count(b"\r") != head.count(b"\r\n"):
         return None  # a bare CR ends a line for the feed parser: let it decide
-    msg = BytesParser(_CachingMessage, policy=policy.default).parsebytes(head, headersonly=True)
+    msg = BytesParser(_CachingMessage, policy=_POLICY).parsebytes(head, headersonly=True)
     if msg.defects or msg.get_content_maintype() in ("multipart", "message"):
         return None
     msg.set_payload(raw[end.end() :].decode("ascii", "surrogateescape"))
@@ -197,9 +218,9 @@ def _parse_single_part(raw: bytes) -> Message | None:
 
 def _parse(raw: bytes) -> Message:
     try:
-        return _parse_single_part(raw) or BytesParser(
-            _CachingMessage, policy=policy.default
-        ).parsebytes(raw)
+        return _parse_single_part(raw) or BytesParser(_CachingMessage, policy=_POLICY).parsebytes(
+            raw
+        )
     except _HEADER_ERRORS:
         # policy.default parses some headers while reading (Content-Type) and can trip over
         # malformed ones; compat32 keeps them as raw strings, which the helpers below handle.
@@ -324,6 +345,8 @@ def _clean_header(value: str) -> str:
 
 def _valid_unicode(value: str) -> str:
     """Undoes the parser's surrogate escapes (raw 8-bit bytes), so the text encodes as UTF-8."""
+    if value.isascii():  # nothing escaped (isascii is a flag lookup)
+        return value
     try:
         data = value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -333,6 +356,9 @@ def _valid_unicode(value: str) -> str:
 
 def _clean_text(value: str) -> str:
     text = _valid_unicode(value).replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii():
+        # The same characters dropped as bytes: ~6x faster than the regex on a 20 KB text.
+        return text.encode("ascii").translate(None, _CONTROL_BYTES).decode("ascii")
     return _CONTROL.sub("", text)
 
 
