@@ -53,6 +53,7 @@ from inbox.domain.conversation import Conversation
 from infra.broker import free_port
 
 AT = "2026-11-27T09:00:00.000000Z"
+PATH = "/api/v1/stream?token=sue"
 
 
 # --------------------------------------------------------------------------- server process
@@ -109,11 +110,7 @@ def serve(port: int, data_dir: str, server_deflate: bool) -> None:
         if request.query_params.get("direct"):
             wire = text_frame(payload)
             for protocol in list(raw_sockets.values()):
-                if protocol.conn.extensions:  # permessage-deflate: compressed per socket
-                    protocol.conn.send_text(payload)
-                    protocol.transport.write(b"".join(protocol.conn.data_to_send()))
-                else:
-                    protocol.transport.write(wire)
+                protocol.transport.write(wire)  # uncompressed even with deflate, as the hub
         else:
             frame = payload.decode()
             for websocket in list(raw_sockets):
@@ -361,6 +358,20 @@ async def wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
     raise RuntimeError("the server did not start listening")
 
 
+async def wait_ready(port: int) -> None:
+    """The stream answers 503 until the hub has read the head of the log."""
+    for _ in range(300):
+        try:
+            (client,) = await connect_all(port, PATH, 1, lambda payload: None, False)
+        except ConnectionError:
+            await asyncio.sleep(0.05)
+            continue
+        if client.transport is not None:
+            client.transport.close()
+        return
+    raise RuntimeError("the stream did not get ready")
+
+
 async def bench(args: argparse.Namespace) -> None:
     from infra.settings import load_settings
     from infra.store import open_event_store
@@ -376,10 +387,9 @@ async def bench(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     try:
         await wait_listening(port, proc)
+        await wait_ready(port)
         hub_round, raw_round = Round(args.clients), Round(args.clients)
-        hub_clients = await connect_all(
-            port, "/api/v1/stream?token=sue", args.clients, hub_round.on_frame, args.deflate
-        )
+        hub_clients = await connect_all(port, PATH, args.clients, hub_round.on_frame, args.deflate)
         raw_clients = await connect_all(
             port, "/raw", args.clients, raw_round.on_frame, args.deflate
         )

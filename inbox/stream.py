@@ -16,8 +16,10 @@ seconds unless they reconnect in time.
 
 Speed: on uvicorn's websockets-sansio protocol (what `inbox serve` runs) a live frame is written
 from the fan-out loop itself, straight into each socket's transport, without a task switch per
-client; the frames of one batch go out in one write per socket. A client whose transport pushes
-back gets the next frames in its bounded buffer, drained by its own task (1013 when it fills).
+client; the frames of one batch go out in one write per socket, the same bytes for every socket
+(uncompressed also where permessage-deflate was agreed, which RFC 7692 allows). A client whose
+transport pushes back gets the next frames in its bounded buffer, drained by its own task (1013
+when it fills). Under another server each client is served by its own task.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.exceptions import InvalidState
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 
 from inbox.access import Principal
 from inbox.domain import ids
@@ -248,9 +250,17 @@ Lookup = Callable[[str], ConversationScope | None]
 
 def protocol_of(receive: Receive) -> WebSocketsSansIOProtocol | None:
     """uvicorn's websockets-sansio protocol of a socket, found through the ASGI `receive`
-    callable (its bound method); None under any other server or implementation."""
+    callable (its bound method); None under any other server or implementation, or with an
+    extension other than permessage-deflate. Deflate lets a message go uncompressed (RSV1
+    unset, RFC 7692 section 6), so its sockets get the same frame bytes as the rest instead of
+    a deflated copy each; hello and replays still go through the protocol, compressed."""
     owner = getattr(receive, "__self__", None)
-    return owner if isinstance(owner, WebSocketsSansIOProtocol) else None
+    if not isinstance(owner, WebSocketsSansIOProtocol):
+        return None
+    # (uvicorn agreed the extensions before it called the app)
+    if any(not isinstance(e, PerMessageDeflate) for e in owner.conn.extensions):
+        return None
+    return owner
 
 
 @dataclass(eq=False)
@@ -269,12 +279,9 @@ class _Client:
     beat: bool = False  # a heartbeat is due
     close_code: int | None = None  # set: close with it (overflow, shutdown, disconnected)
     close_reason: str = ""  # "{cursor}" in it: the client's cursor when it is closed
-    # Written directly, not yet flushed: raw frames, or (with an extension such as
-    # permessage-deflate) frames waiting in the protocol's own connection object.
-    pending: list[bytes] = field(default_factory=list)
+    pending: list[bytes] = field(default_factory=list)  # written directly, not yet flushed
     pending_bytes: int = 0
     dirty: bool = False  # in the hub's list of clients to flush
-    extended: bool = False  # an extension was negotiated: frames go through the connection
 
     def push(self, cursor: int, text: str) -> bool:
         """Queues a live frame; False when the buffer is full (the client is too slow)."""
@@ -292,9 +299,7 @@ class _Client:
             return None
         return protocol
 
-    def offer(
-        self, cursor: int, text: str, payload: bytes, wire: bytes, now: float, dirty: list[_Client]
-    ) -> bool:
+    def offer(self, cursor: int, text: str, wire: bytes, now: float, dirty: list[_Client]) -> bool:
         """Hands a live frame on: written directly (flushed with the batch) when it can be,
         else queued; False when the queue is full."""
         protocol = self.writable()
@@ -302,13 +307,7 @@ class _Client:
             return self.push(cursor, text)
         if self.close_code is not None or protocol.close_sent or protocol.disconnected:
             return True  # going away: its own task finishes it
-        if self.extended:
-            try:
-                protocol.conn.send_text(payload)  # compressed into the connection's writes
-            except InvalidState:
-                return True  # the close handshake began: nothing more is sent
-        else:
-            self.pending.append(wire)
+        self.pending.append(wire)
         self.pending_bytes += len(wire)
         self.cursor = cursor
         self.last_sent = now
@@ -326,11 +325,8 @@ class _Client:
         protocol = self.protocol
         if protocol is None:
             return
-        if self.extended:
-            data = b"".join(protocol.conn.data_to_send())
-        else:
-            data = b"".join(self.pending)  # one frame: the very same bytes object, no copy
-            self.pending.clear()
+        data = b"".join(self.pending)  # one frame: the very same bytes object, no copy
+        self.pending.clear()
         if data and not protocol.transport.is_closing():
             protocol.transport.write(data)
 
@@ -344,14 +340,7 @@ class _Client:
         # Nothing queued or in flight: everything visible up to the hub's position is sent.
         self.cursor = max(self.cursor, position)
         self.last_sent = now
-        payload = orjson.dumps({"type": "heartbeat", "cursor": self.cursor})
-        if self.extended:
-            try:
-                protocol.conn.send_text(payload)
-            except InvalidState:
-                return True
-        else:
-            self.pending.append(text_frame(payload))
+        self.pending.append(text_frame(orjson.dumps({"type": "heartbeat", "cursor": self.cursor})))
         self.flush()
         return True
 
@@ -571,14 +560,13 @@ class StreamHub:
         cursor, text, audience = frame
         self._recent.append(frame)
         self._recent_cursors.append(cursor)
-        payload = text.encode()
-        wire = text_frame(payload)  # once, for every socket without extensions
+        wire = text_frame(text.encode())  # once, for every socket
         slow: list[_Client] | None = None
         queue_skill, dirty = self._queue_skill, self._dirty
         for principal, clients in self._live.items():
             if principal.sees_everything or audience.admits(principal, queue_skill):
                 for client in clients:
-                    if not client.offer(cursor, text, payload, wire, now, dirty):
+                    if not client.offer(cursor, text, wire, now, dirty):
                         slow = slow or []
                         slow.append(client)
         for client in slow or ():
@@ -697,7 +685,6 @@ class StreamHub:
         await websocket.accept()
         start = self._position if after is None else after
         client = _Client(websocket, principal, start, self._max_buffer, protocol)
-        client.extended = protocol is not None and bool(protocol.conn.extensions)
         self._attach(principal)
         receiver = asyncio.create_task(self._receive(client))
         try:

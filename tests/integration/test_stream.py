@@ -237,6 +237,9 @@ async def test_a_client_resuming_after_a_burst_gets_every_frame_once_in_order(
             start = (await hello(ws))["cursor"]
             await wait_until(lambda: stream.hub.live_clients()[0] == 1)
             assert stream.hub.live_clients() == (1, 0 if path == "task" else 1)
+            assert ws.response is not None
+            negotiated = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert ("permessage-deflate" in negotiated) is (compression is not None)
 
             left = threading.Event()
 

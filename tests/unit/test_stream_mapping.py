@@ -265,8 +265,7 @@ def direct_client(max_buffer: int = 2) -> tuple[_Client, FakeProtocol]:
 
 def offer(client: _Client, cursor: int, dirty: list[_Client]) -> bool:
     text = f'{{"cursor": {cursor}}}'
-    payload = text.encode()
-    return client.offer(cursor, text, payload, text_frame(payload), 1.0, dirty)
+    return client.offer(cursor, text, text_frame(text.encode()), 1.0, dirty)
 
 
 def test_the_frames_of_one_batch_go_out_in_one_write_in_order() -> None:
