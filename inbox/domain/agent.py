@@ -115,6 +115,7 @@ class Agent(DomainAggregate):
     @classmethod
     def register(cls, **fields: Any) -> Agent:
         check_profile(fields["role"], fields["capacity"])
+        fields.setdefault("voice_to", None)  # an agent who takes no calls
         return cls._create(cls.Registered, **fields)
 
     def change_profile(self, *, actor: str, at: str, **profile: Any) -> None:
