@@ -27,6 +27,7 @@ from inbox import audit, telemetry
 from inbox.access import Principal, can_work_on
 from inbox.agents import AlreadyExists, Directory, InvalidSpec, agent_profile, queue_spec
 from inbox.commands import Commands, NotFound
+from inbox.domain.conversation import Conversation
 from inbox.domain.errors import ConversationStateError, CustomerMergeError, DomainError
 from inbox.identity import InvalidIdentity, parse_key
 from infra.store import EventStore
@@ -139,7 +140,7 @@ def _in_scope(ctx: ApiContext, principal: Principal, conversation_id: UUID) -> N
     if principal.sees_everything:
         return
     conversation = ctx.store.get(conversation_id)
-    if conversation is None or type(conversation).__name__ != "Conversation":
+    if not isinstance(conversation, Conversation):
         raise ApiError(404, "not_found", f"no conversation {conversation_id}")
     queue = conversation.queue
     allowed = can_work_on(
