@@ -2,10 +2,11 @@
 250 only after Kafka acknowledged its contact event, beside the raw limit measured in the same
 run (the same mails, the same client, to an aiosmtpd server whose handler discards them).
 
-    python -m bench.smtp [--mails 3000] [--connections 16] [--size 20000]
+    python -m bench.smtp [--mails 3000] [--connections 16] [--size 20000] [--partitions N]
 
 The server runs as deployed (adapters.email_in.smtp_server on one asyncio loop, with a real
-KafkaPublisher on the embedded broker, or INBOX_KAFKA_BOOTSTRAP). The client is a separate
+KafkaPublisher on the embedded broker, or INBOX_KAFKA_BOOTSTRAP, into a topic of the deployed
+partition count: INBOX_KAFKA_PARTITIONS, 8 by default). The client is a separate
 process (aiosmtplib, one persistent session per connection), so it does not share the server's
 loop or interpreter lock.
 """
@@ -33,6 +34,7 @@ from adapters.email_in import InboxSMTP, smtp_server
 from adapters.kafka import KafkaPublisher
 from infra.broker import EmbeddedBroker, free_port
 from infra.kafka import ensure_topics, make_consumer
+from infra.settings import load_settings
 
 DOMAIN = "example.com"
 
@@ -145,7 +147,7 @@ async def count_records(bootstrap: str, topic: str, expected: int) -> int:
 
 async def pipeline(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
     topic = f"bench-email-{uuid.uuid4().hex[:8]}"
-    await ensure_topics(bootstrap, {topic: 4})
+    await ensure_topics(bootstrap, {topic: args.partitions})
     publisher = KafkaPublisher(bootstrap, idempotence=False, topic=topic)
     with tempfile.TemporaryDirectory(prefix="bench-smtp-") as data_dir:
         server = smtp_server(
@@ -179,7 +181,7 @@ async def main(args: argparse.Namespace) -> None:
     ours_raw_rate = ours_limit["mails"] / ours_limit["elapsed"]
     print(
         f"{args.mails} mails of {args.size} B over {args.connections} connections "
-        f"(client in its own process)"
+        f"(client in its own process), topic of {args.partitions} partitions"
     )
     print(
         f"email channel (parse + Kafka ack before 250): {rate:8.0f} emails/s   "
@@ -205,12 +207,15 @@ def cli() -> None:
     parser.add_argument("--mails", type=int, default=3000)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--size", type=int, default=20_000)
+    parser.add_argument("--partitions", type=int, default=None, help="of the bench's topic")
     parser.add_argument("--client", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client is not None:
         result = asyncio.run(_client(args.client, args.mails, args.connections, args.size))
         print(json.dumps(result))
         return
+    if args.partitions is None:
+        args.partitions = load_settings().kafka_partitions
     # The server side runs on uvloop, as `inbox smtp` and `inbox dev` do (the raw limit too).
     uvloop.run(main(args))
 
