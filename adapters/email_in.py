@@ -249,8 +249,11 @@ class InboxSMTP(SMTP):
                 break
             before = (before + chunk[-2:])[-2:]
         length -= 3
-        raw = b"".join(chunks)
-        return raw[: min(length, len(raw) if keep is None else keep)], length
+        if kept == length + 3:  # all kept: the last chunk ends with the final .CRLF
+            chunks[-1] = chunks[-1][:-3]
+            return b"".join(chunks), length
+        assert keep is not None
+        return b"".join(chunks)[: min(keep, length)], length
 
 
 class _Authenticator:
