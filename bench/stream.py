@@ -2,12 +2,13 @@
 stream clients, beside the raw limit (the same fan-out of a pre-serialised frame to 1,000
 sockets of the same server, without the hub).
 
-    python -m bench.stream [--clients 1000] [--rounds 50] [--deflate] [--gc-freeze]
+    python -m bench.stream [--clients 1000] [--rounds 50] [--deflate] [--no-server-deflate]
+                           [--gc-freeze]
 
 The server runs in its own process (uvicorn on uvloop, the websocket implementation `inbox
 serve` gets), with a `StreamHub` on a SQLite event store; every client is a supervisor, so all
 1,000 get every frame. The clients are this process: minimal websocket clients on asyncio
-protocols (a handshake, then frames parsed by hand), so they cost far less CPU than the server.
+protocols on uvloop (a handshake, then frames parsed by hand), so they cost little CPU.
 Each round measures from just before the change is stored until the last client got its frame:
 
 - nudged: the server stores one event (as an API command does, in a thread) and nudges the hub;
@@ -23,7 +24,9 @@ The server also reports its garbage collections during the measured rounds (coun
 generation and the longest pause), and how long its own part of each raw round took.
 
 `--deflate`: the clients ask for permessage-deflate, as browsers and the `websockets` library do;
-uvicorn then compresses every frame once per socket.
+uvicorn then compresses what goes through its protocol once per socket (the send loop, hello;
+the hub's live frames and the direct raw limit go uncompressed, which the extension allows).
+`--no-server-deflate`: the server runs with uvicorn's `ws_per_message_deflate=False`.
 `--gc-freeze`: the server calls `gc.freeze()` once the clients are connected, so the collector
 no longer walks the objects of the startup and of the connections.
 """

@@ -251,9 +251,10 @@ Lookup = Callable[[str], ConversationScope | None]
 def protocol_of(receive: Receive) -> WebSocketsSansIOProtocol | None:
     """uvicorn's websockets-sansio protocol of a socket, found through the ASGI `receive`
     callable (its bound method); None under any other server or implementation, or with an
-    extension other than permessage-deflate. Deflate lets a message go uncompressed (RSV1
-    unset, RFC 7692 section 6), so its sockets get the same frame bytes as the rest instead of
-    a deflated copy each; hello and replays still go through the protocol, compressed."""
+    extension other than permessage-deflate. Deflate lets a message go uncompressed (RFC 7692:
+    a message without the RSV1 bit is not compressed), so its sockets get the same frame bytes
+    as the rest instead of a deflated copy each; hello and replays still go through the
+    protocol, compressed."""
     owner = getattr(receive, "__self__", None)
     if not isinstance(owner, WebSocketsSansIOProtocol):
         return None
