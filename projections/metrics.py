@@ -2,18 +2,23 @@
 from which every KPI of CONTRACT.md is a ratio of sums (docs/metrics.md has the definitions).
 
 Tables (generation N):
-- `metrics_counts_gN`: one row per (channel, queue, agent, slot) with the counters in
-  `COLUMNS` (whole numbers; durations in microseconds, so sums are exact in any order and a
-  rebuild equals the live model bit for bit). Every event's counters are written to all 8
-  roll-ups of its key (each dimension as itself or `*` = all), so a query for any filter
-  reads at most one row per slot. `''` stands for "no queue" / "no agent".
+- `metrics_counts_gN`: rows keyed (channel, queue, agent, slot) with the counters in `COLUMNS`
+  (whole numbers; durations in microseconds, so sums are exact in any order and a rebuild
+  equals the live model bit for bit). `''` stands for "no queue" / "no agent", `*` for all.
+  An event's counters go to 4 roll-ups under agent `*` ((channel, queue), channel, queue,
+  everything), so a query without an agent reads one row per slot, and to the concrete key
+  when it has an agent: a query naming an agent sums that agent's rows (see `roll_ups`).
+- `metrics_keys_gN`: the (agent, channel, queue) of every row with a concrete agent, so such a
+  query finds that agent's rows with index seeks.
+- `metrics_hourly_gN`: the all-traffic counters per UTC hour (4 slots), for hour and day
+  buckets over long ranges in zones whose offsets are whole hours.
 - `metrics_state_gN`: what later events need to know, as JSON per (kind, id): conversations
   (`c`), calls by CallSid (`k`), agents (`a`, by agent id), agent aggregate ids (`u`),
   callbacks (`b`) and queues with their SLA calendar (`q`).
 
 A batch is applied in memory: state rows are loaded once (or kept from earlier batches while
-nobody else wrote the generation), counter deltas are summed per key, and each changed row is
-written once.
+nobody else wrote the generation), counter deltas are summed per key, rolled up, and each
+changed row is written once (one upsert that adds, in primary-key order).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from itertools import pairwise, product
+from itertools import pairwise
+from operator import add
 from typing import Any
 
 import orjson
@@ -33,6 +39,8 @@ from projections.db import Tx
 
 NAME = "metrics"
 COUNTS = "metrics_counts"
+KEYS = "metrics_keys"
+HOURLY = "metrics_hourly"
 STATE = "metrics_state"
 
 CHANNELS = ("email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat")
@@ -43,6 +51,7 @@ SL_EDGES = (5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 SLOT_SECONDS = 900
 US = 1_000_000
 SLOT_US = SLOT_SECONDS * US
+SLOTS_PER_HOUR = 4
 DAY_US = 86_400 * US
 FCR_WINDOW_US = 7 * DAY_US
 RESOLVED_WITHIN_US = DAY_US
@@ -82,6 +91,12 @@ _N = len(COLUMNS)
 _VOLUME = {c: IDX[f"v_{c}"] for c in CHANNELS}
 _V_OTHER = IDX["v_other"]
 _W = [(t * US, IDX[f"w{t}"]) for t in SL_EDGES]
+_FRT_N, _FRT_US, _FRT_BH_US = IDX["frt_n"], IDX["frt_us"], IDX["frt_bh_us"]
+_RES_N, _RES_US, _RES_BH_US = IDX["res_n"], IDX["res_us"], IDX["res_bh_us"]
+_RES_24H, _FCR = IDX["res_24h"], IDX["fcr"]
+_ANS, _WAIT_US, _AHT_N, _AHT_US = IDX["ans"], IDX["wait_us"], IDX["aht_n"], IDX["aht_us"]
+_CSAT_N, _CSAT_GOOD = IDX["csat_n"], IDX["csat_good"]
+_CB_DONE, _CB_US, _CB_BH_US = IDX["cb_done"], IDX["cb_us"], IDX["cb_bh_us"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
@@ -90,7 +105,7 @@ _CHUNK = 500
 OPEN, PENDING, RESOLVED = "open", "pending", "resolved"
 AVAILABLE, OFFLINE = "available", "offline"
 
-Key = tuple[int, str, str, str]  # (slot, channel, queue, agent)
+Key = tuple[str, str, str, int]  # (channel, queue, agent, slot): the primary key's order
 
 
 def to_us(text: str) -> int:
@@ -114,22 +129,32 @@ def calendar_of(spec: dict[str, Any], name: str) -> BusinessHours | None:
 
 
 def roll_ups(key: Key) -> list[Key]:
-    """The rows a key's counters go to: each dimension as itself or `*` (8 rows; 2 for an
-    agent's time, which is kept under all channels and queues)."""
-    slot, channel, queue, agent = key
+    """The rows a key's counters go to: under agent `*`, (channel, queue), channel, queue and
+    everything; and the key itself when it has an agent (no query asks for "no agent"). An
+    agent's time (channel `*`) goes to (`*`, `*`, agent) and everything."""
+    channel, queue, agent, slot = key
     if channel == ALL:
-        return [(slot, ALL, ALL, agent), (slot, ALL, ALL, ALL)]
-    return [(slot, c, q, a) for c, q, a in product((channel, ALL), (queue, ALL), (agent, ALL))]
+        return [(ALL, ALL, agent, slot), (ALL, ALL, ALL, slot)]
+    rows = [
+        (channel, queue, ALL, slot),
+        (channel, ALL, ALL, slot),
+        (ALL, queue, ALL, slot),
+        (ALL, ALL, ALL, slot),
+    ]
+    if agent:
+        rows.append(key)
+    return rows
 
 
-@lru_cache(maxsize=4096)
-def _upsert_sql(counts: str, columns: tuple[int, ...]) -> str:
-    names = [COLUMNS[c] for c in columns]
-    marks = ", ".join("?" * (len(names) + 4))
-    sets = ", ".join(f"{c}={counts}.{c}+excluded.{c}" for c in names)
+@lru_cache(maxsize=64)
+def _upsert_sql(table_name: str, key: str) -> str:
+    """Adds a row's counters to the stored row (inserted when there is none)."""
+    names = ", ".join(COLUMNS)
+    marks = ", ".join("?" * (_N + key.count(",") + 1))
+    sets = ", ".join(f"{c}={table_name}.{c}+excluded.{c}" for c in COLUMNS)
     return (
-        f"INSERT INTO {counts} (slot, channel, queue, agent, {', '.join(names)}) "
-        f"VALUES ({marks}) ON CONFLICT (channel, queue, agent, slot) DO UPDATE SET {sets}"
+        f"INSERT INTO {table_name} ({key}, {names}) VALUES ({marks}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
     )
 
 
@@ -168,10 +193,15 @@ class Metrics:
         self._pending: _Cache | None = None
 
     def tables(self, generation: int) -> list[str]:
-        return [table(COUNTS, generation), table(STATE, generation)]
+        return [
+            table(COUNTS, generation),
+            table(STATE, generation),
+            table(KEYS, generation),
+            table(HOURLY, generation),
+        ]
 
     def create_tables(self, tx: Tx, generation: int) -> None:
-        counts, state = self.tables(generation)
+        counts, state, keys, hourly = self.tables(generation)
         clustered = "" if tx.is_postgres else " WITHOUT ROWID"
         columns = ", ".join(f"{c} BIGINT NOT NULL DEFAULT 0" for c in COLUMNS)
         # Key order: a query fixes the three dimensions and reads a range of slots.
@@ -183,6 +213,14 @@ class Metrics:
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {state} (kind TEXT NOT NULL, id TEXT NOT NULL, "
             "data TEXT NOT NULL, PRIMARY KEY (kind, id))" + clustered
+        )
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {keys} (agent TEXT NOT NULL, channel TEXT NOT NULL, "
+            "queue TEXT NOT NULL, PRIMARY KEY (agent, channel, queue))" + clustered
+        )
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {hourly} (hour BIGINT NOT NULL PRIMARY KEY, {columns})"
+            + clustered
         )
 
     def create_indexes(self, tx: Tx, generation: int) -> None:
@@ -221,19 +259,64 @@ class _Cache:
         self.complete = complete
         self.rows: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
         self.calendars: dict[str, BusinessHours | None] | None = None
+        self.keys: set[tuple[str, str, str]] = set()  # (agent, channel, queue) in the table
 
     def size(self) -> int:
         return sum(len(rows) for rows in self.rows.values())
 
 
+def roll_up(deltas: dict[Key, dict[int, int]]) -> tuple[dict[Key, list[Any]], dict[int, list[int]]]:
+    """Every row the batch's deltas go to (see `roll_ups`), as [*key, *counters], and the
+    all-traffic counters per hour. In stages, so that each delta is added twice at most
+    (to its own row and its (channel, queue)); the wider roll-ups are sums of those."""
+    cube: dict[Key, list[Any]] = {}
+    pairs: dict[Key, list[int]] = {}  # (channel, queue, *, slot)
+    everything: dict[Key, list[int]] = {}  # (*, *, *, slot)
+    zeros = [0] * _N
+    for key, delta in deltas.items():
+        channel, queue, agent, slot = key
+        # an agent's time goes to everything directly, other counters via their pair
+        rolled = (ALL, ALL, ALL, slot) if channel == ALL else (channel, queue, ALL, slot)
+        into = everything if channel == ALL else pairs
+        target = into.get(rolled)
+        if target is None:
+            target = into[rolled] = list(zeros)
+        for column, value in delta.items():
+            target[column] += value
+        if agent:  # no query asks for "no agent"
+            row = cube[key] = [*key, *zeros]
+            for column, value in delta.items():
+                row[column + 4] += value
+    by_channel: dict[Key, list[int]] = {}
+    by_queue: dict[Key, list[int]] = {}
+    for (channel, queue, _, slot), counters in pairs.items():
+        _sum_into(by_channel, (channel, ALL, ALL, slot), counters)
+        _sum_into(by_queue, (ALL, queue, ALL, slot), counters)
+    for (_, _, _, slot), counters in by_channel.items():
+        _sum_into(everything, (ALL, ALL, ALL, slot), counters)
+    hourly: dict[int, list[int]] = {}
+    for rolled_up in (pairs, by_channel, by_queue, everything):
+        for key, counters in rolled_up.items():
+            cube[key] = [*key, *counters]
+    for (_, _, _, slot), counters in everything.items():
+        hour = slot // SLOTS_PER_HOUR
+        hourly[hour] = list(map(add, hourly.get(hour, zeros), counters))
+    return cube, hourly
+
+
+def _sum_into(rows: dict[Key, list[int]], key: Key, counters: list[int]) -> None:
+    total = rows.get(key)
+    rows[key] = list(counters) if total is None else list(map(add, total, counters))
+
+
 class _Batch:
     def __init__(self, tx: Tx, tables: list[str], cache: _Cache) -> None:
         self.tx = tx
-        self.counts_table, self.state_table = tables
+        self.counts_table, self.state_table, self.keys_table, self.hourly_table = tables
         self.cache = cache
         self.rows = cache.rows
         self.dirty: set[tuple[str, str]] = set()
-        self.deltas: dict[Key, dict[int, int]] = {}
+        self.deltas: dict[Key, dict[int, int]] = {}  # sparse: an event touches few columns
         self.handlers: dict[str, Callable[[Event], None]] = {
             "Conversation.Opened": self.opened,
             "Conversation.MessageReceived": self.message_received,
@@ -318,32 +401,44 @@ class _Batch:
             "ON CONFLICT (kind, id) DO UPDATE SET data=excluded.data",
             [(k, i, orjson.dumps(rows[k][i]).decode()) for k, i in sorted(self.dirty)],
         )
-        # Counters as sparse {column: delta}: an event touches a few of the columns.
-        cube: dict[Key, dict[int, int]] = {}
-        for key, delta in self.deltas.items():
-            for rolled in roll_ups(key):
-                total = cube.get(rolled)
-                if total is None:
-                    cube[rolled] = dict(delta)
-                else:
-                    for column, value in delta.items():
-                        total[column] = total.get(column, 0) + value
-        params = []
-        for key, total in sorted(cube.items()):
-            full = [0] * _N
-            for column, value in total.items():
-                full[column] = value
-            params.append((*key, *full))
-        self.tx.executemany(_upsert_sql(self.counts_table, tuple(range(_N))), params)
+        cube, hourly = roll_up(self.deltas)
+        known = self.cache.keys
+        new_keys = sorted({(a, c, q) for c, q, a, _ in self.deltas if a} - known)
+        self.tx.executemany(
+            f"INSERT INTO {self.keys_table} (agent, channel, queue) VALUES (?, ?, ?) "
+            "ON CONFLICT (agent, channel, queue) DO NOTHING",
+            new_keys,
+        )
+        known.update(new_keys)
+        # In primary-key order: the B-tree is walked once, left to right.
+        self.tx.executemany(
+            _upsert_sql(self.counts_table, "channel, queue, agent, slot"),
+            [cube[key] for key in sorted(cube)],
+        )
+        self.tx.executemany(
+            _upsert_sql(self.hourly_table, "hour"),
+            [[hour, *hourly[hour]] for hour in sorted(hourly)],
+        )
 
     # -- counters -----------------------------------------------------------------------
 
     def add(self, at: int, channel: str, queue: str, agent: str, column: int, value: int) -> None:
-        key = (at // SLOT_US, channel, queue, agent)
+        key = (channel, queue, agent, at // SLOT_US)
         delta = self.deltas.get(key)
         if delta is None:
             self.deltas[key] = {column: value}
         else:
+            delta[column] = delta.get(column, 0) + value
+
+    def add_all(
+        self, at: int, channel: str, queue: str, agent: str, values: Sequence[tuple[int, int]]
+    ) -> None:
+        """`add` for several (column, value) at one key."""
+        key = (channel, queue, agent, at // SLOT_US)
+        delta = self.deltas.get(key)
+        if delta is None:
+            delta = self.deltas[key] = {}
+        for column, value in values:
             delta[column] = delta.get(column, 0) + value
 
     def business_us(self, queue: str, start: int, end: int) -> int:
@@ -400,9 +495,12 @@ class _Batch:
         while start < end:
             cut = min(end, (start // SLOT_US + 1) * SLOT_US)
             # under all channels and queues only: an agent's time belongs to none of them
-            self.add(start, ALL, ALL, agent_id, staffed, cut - start)
-            if busy:
-                self.add(start, ALL, ALL, agent_id, handling, cut - start)
+            spans = (
+                ((staffed, cut - start), (handling, cut - start))
+                if busy
+                else ((staffed, cut - start),)
+            )
+            self.add_all(start, ALL, ALL, agent_id, spans)
             start = cut
 
     def hold(self, conv: dict[str, Any], at: int, *, agent: str, status: str) -> None:
@@ -505,9 +603,17 @@ class _Batch:
             return
         conv["fr"] = True
         channel, queue = conv["ch"], conv["q"]
-        self.add(at, channel, queue, agent, IDX["frt_n"], 1)
-        self.add(at, channel, queue, agent, IDX["frt_us"], max(0, at - start))
-        self.add(at, channel, queue, agent, IDX["frt_bh_us"], self.business_us(queue, start, at))
+        self.add_all(
+            at,
+            channel,
+            queue,
+            agent,
+            (
+                (_FRT_N, 1),
+                (_FRT_US, max(0, at - start)),
+                (_FRT_BH_US, self.business_us(queue, start, at)),
+            ),
+        )
 
     def reply_queued(self, e: Event) -> None:
         conv = self.conv(e)
@@ -572,13 +678,19 @@ class _Batch:
         channel, queue, agent = conv["ch"], conv["q"], conv["a"]
         took = max(0, at - conv["rs"])
         first_contact = conv["n"] == 1 and conv["re"] == 0
-        self.add(at, channel, queue, agent, IDX["res_n"], 1)
-        self.add(at, channel, queue, agent, IDX["res_us"], took)
-        self.add(
-            at, channel, queue, agent, IDX["res_bh_us"], self.business_us(queue, conv["rs"], at)
+        self.add_all(
+            at,
+            channel,
+            queue,
+            agent,
+            (
+                (_RES_N, 1),
+                (_RES_US, took),
+                (_RES_BH_US, self.business_us(queue, conv["rs"], at)),
+                (_RES_24H, int(took <= RESOLVED_WITHIN_US)),
+                (_FCR, int(first_contact)),
+            ),
         )
-        self.add(at, channel, queue, agent, IDX["res_24h"], int(took <= RESOLVED_WITHIN_US))
-        self.add(at, channel, queue, agent, IDX["fcr"], int(first_contact))
         # FCR is provisional for 7 days: a reopen in that time takes it back from this key.
         conv["rk"], conv["rat"], conv["rf"] = [at, channel, queue, agent], at, first_contact
         self.hold(conv, at, agent=agent, status=RESOLVED)
@@ -602,8 +714,8 @@ class _Batch:
         if conv is None:
             return
         at = to_us(e.state["at"])
-        self.add(at, conv["ch"], conv["q"], conv["a"], IDX["csat_n"], 1)
-        self.add(at, conv["ch"], conv["q"], conv["a"], IDX["csat_good"], int(e.state["score"] >= 4))
+        good = int(e.state["score"] >= 4)
+        self.add_all(at, conv["ch"], conv["q"], conv["a"], ((_CSAT_N, 1), (_CSAT_GOOD, good)))
 
     # -- calls --------------------------------------------------------------------------
 
@@ -666,11 +778,8 @@ class _Batch:
                 wait = round(data["queue_seconds"] * US)
             else:
                 wait = 0 if call["qat"] is None else max(0, at - call["qat"])
-            self.add(at, "voice", queue, agent, IDX["ans"], 1)
-            self.add(at, "voice", queue, agent, IDX["wait_us"], wait)
-            for edge, column in _W:
-                if wait <= edge:
-                    self.add(at, "voice", queue, agent, column, 1)
+            within = [(column, 1) for edge, column in _W if wait <= edge]
+            self.add_all(at, "voice", queue, agent, [(_ANS, 1), (_WAIT_US, wait), *within])
         if not call["live"]:
             call["live"], call["ag"] = True, agent
             if agent:
@@ -686,8 +795,7 @@ class _Batch:
             round(float(data.get(k) or 0) * US)
             for k in ("talk_seconds", "hold_seconds", "wrap_seconds")
         )
-        self.add(at, "voice", queue, agent, IDX["aht_n"], 1)
-        self.add(at, "voice", queue, agent, IDX["aht_us"], handled)
+        self.add_all(at, "voice", queue, agent, ((_AHT_N, 1), (_AHT_US, handled)))
         if agent:
             row = self.advance(agent, at)
             row["c"] -= 1
@@ -717,9 +825,17 @@ class _Batch:
             return
         at = to_us(e.state["at"])
         queue, agent = row["q"], e.state.get("agent") or NONE
-        self.add(at, "voice", queue, agent, IDX["cb_done"], 1)
-        self.add(at, "voice", queue, agent, IDX["cb_us"], max(0, at - row["rq"]))
-        self.add(at, "voice", queue, agent, IDX["cb_bh_us"], self.business_us(queue, row["rq"], at))
+        self.add_all(
+            at,
+            "voice",
+            queue,
+            agent,
+            (
+                (_CB_DONE, 1),
+                (_CB_US, max(0, at - row["rq"])),
+                (_CB_BH_US, self.business_us(queue, row["rq"], at)),
+            ),
+        )
 
     def callback_failed(self, e: Event) -> None:
         row = self._callback(e)

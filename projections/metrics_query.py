@@ -18,6 +18,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -29,10 +30,13 @@ from projections.metrics import (
     CHANNELS,
     COLUMNS,
     COUNTS,
+    HOURLY,
     IDX,
+    KEYS,
     NAME,
     SL_EDGES,
     SLOT_SECONDS,
+    SLOTS_PER_HOUR,
     US,
 )
 from projections.tracking import STATE_TABLE, active_generation
@@ -62,24 +66,30 @@ _EPOCH_NAIVE = datetime(1970, 1, 1)
 _DAY_SLOTS = 96
 
 
-def _sums_sql(service_level_seconds: int, *, postgres: bool) -> str:
-    """The select list: a sum per column (PostgreSQL's SUM of BIGINT is NUMERIC, cast back);
-    of the "answered within" columns only the query's own T, the others read as 0."""
+@lru_cache(maxsize=64)
+def _columns_sql(service_level_seconds: int, *, summed: bool, postgres: bool) -> str:
+    """The select list in the query's layout (`COLUMNS` with only T's "answered within"):
+    each column, or its sum (PostgreSQL's SUM of BIGINT is NUMERIC, cast back)."""
     wanted = f"w{service_level_seconds}"
     parts = []
     for c in COLUMNS:
         if c.startswith("w") and c[1:].isdigit() and c != wanted:
-            parts.append("0")
+            continue
+        if not summed:
+            parts.append(c)
         else:
             parts.append(f"CAST(SUM({c}) AS BIGINT)" if postgres else f"SUM({c})")
     return ", ".join(parts)
 
 
-_ZERO = [0] * len(COLUMNS)
 _WITHIN = {t: i for i, t in enumerate(SL_EDGES)}
-# kpis() unpacks a row by position: the layout it was written for
+_W0 = IDX["ans"] + 2  # the first "answered within" column
+_W_END = _W0 + len(SL_EDGES)
+_ZERO = [0] * (len(COLUMNS) - len(SL_EDGES) + 1)  # nothing, in the query's layout
+# _kpis() unpacks a row by position: the layout it was written for
 assert COLUMNS[:8] == tuple(f"v_{c}" for c in (*CHANNELS, "other"))
-assert COLUMNS[IDX["ans"] + 2 : IDX["abandoned"]] == tuple(f"w{t}" for t in SL_EDGES)
+assert COLUMNS[_W0:_W_END] == tuple(f"w{t}" for t in SL_EDGES)
+assert COLUMNS[_W_END] == "abandoned"
 assert len(COLUMNS) == 33 + len(SL_EDGES)
 
 
@@ -89,12 +99,29 @@ assert len(COLUMNS) == 33 + len(SL_EDGES)
 def kpis(sums: Sequence[int], service_level_seconds: int = 20) -> dict[str, Any]:
     """Every KPI from the counters in `COLUMNS` order (a row of the model, or a sum of rows).
     `None` where there is nothing to measure."""
+    return _kpis(_narrow(sums, service_level_seconds))
+
+
+def _narrow(sums: Sequence[int], service_level_seconds: int) -> list[int]:
+    """`COLUMNS` order to the query's layout: of the "answered within" columns only T's."""
+    return [*sums[:_W0], sums[_W0 + _WITHIN[service_level_seconds]], *sums[_W_END:]]
+
+
+def _widen(row: Sequence[int], service_level_seconds: int) -> list[int]:
+    """The query's layout to `COLUMNS` order (the other "answered within" columns as 0)."""
+    within = [row[_W0] if t == service_level_seconds else 0 for t in SL_EDGES]
+    return [*row[:_W0], *within, *row[_W0 + 1 :]]
+
+
+def _kpis(row: Sequence[int]) -> dict[str, Any]:
+    """`kpis` of a row in the query's layout (a 90-day hourly answer computes this 2,160
+    times: one unpacking, the arithmetic inline)."""
     (
         v_email, v_voice, v_sms, v_whatsapp, v_messenger, v_instagram, v_chat, v_other,
         frt_n, frt_us, frt_bh_us, res_n, res_us, res_bh_us, res_24h, fcr, opened, escalated,
-        ans, wait_us, *within, abandoned, cb_queued, aht_n, aht_us, csat_n, csat_good,
+        ans, wait_us, within, abandoned, cb_queued, aht_n, aht_us, csat_n, csat_good,
         cb_req, cb_done, cb_failed, cb_us, cb_bh_us, busy_us, staffed_us,
-    ) = sums  # fmt: skip
+    ) = row  # fmt: skip
     queued = ans + abandoned + cb_queued
     volume = {
         "email": v_email, "voice": v_voice, "sms": v_sms, "whatsapp": v_whatsapp,
@@ -102,7 +129,6 @@ def kpis(sums: Sequence[int], service_level_seconds: int = 20) -> dict[str, Any]
     }  # fmt: skip
     if v_other:
         volume["other"] = v_other
-    # inline rather than helpers: a 90-day hourly answer computes this 2,160 times
     return {
         "first_response_time": frt_us / frt_n / US if frt_n else None,
         "first_response_time_business": frt_bh_us / frt_n / US if frt_n else None,
@@ -111,7 +137,7 @@ def kpis(sums: Sequence[int], service_level_seconds: int = 20) -> dict[str, Any]
         "resolved_within_24h": res_24h / res_n if res_n else None,
         "asa": wait_us / ans / US if ans else None,
         "abandonment_rate": abandoned / queued if queued else None,
-        "service_level": within[_WITHIN[service_level_seconds]] / queued if queued else None,
+        "service_level": within / queued if queued else None,
         "aht": aht_us / aht_n / US if aht_n else None,
         "fcr": fcr / res_n if res_n else None,
         "csat": csat_good / csat_n if csat_n else None,
@@ -243,6 +269,49 @@ def metrics(
     """`{"buckets": [{"start", "end", "kpis"}, ...], "total": kpis}` for [start, end) widened
     to whole buckets; `start`/`end` of a bucket are ISO 8601 with the zone's offset. Raises
     QueryError (an HTTP 400) for a bad bucket, zone, range or service-level T."""
+    texts, sums, _ = _counters(
+        db, start, end, bucket, tz, (channel, queue, agent), service_level_seconds
+    )
+    buckets = [
+        {"start": texts[i], "end": texts[i + 1], "kpis": _kpis(_ZERO if row is None else row)}
+        for i, row in enumerate(sums)
+    ]
+    filled = [row for row in sums if row is not None]
+    total = [sum(column) for column in zip(*filled, strict=True)] if filled else _ZERO
+    return {"buckets": buckets, "total": _kpis(total)}
+
+
+def counters(
+    db: ReadModelDB,
+    *,
+    start: datetime,
+    end: datetime,
+    bucket: Bucket | str,
+    tz: str = "UTC",
+    channel: str | None = None,
+    queue: str | None = None,
+    agent: str | None = None,
+    service_level_seconds: float = 20.0,
+) -> tuple[list[str], list[list[int] | None]]:
+    """The buckets' edges (local ISO 8601, one more than there are buckets) and each bucket's
+    counters in `COLUMNS` order, None where nothing was counted; of the "answered within"
+    columns only T's is read (the others are 0). Raises QueryError as `metrics` does."""
+    texts, sums, t = _counters(
+        db, start, end, bucket, tz, (channel, queue, agent), service_level_seconds
+    )
+    return texts, [None if row is None else _widen(row, t) for row in sums]
+
+
+def _counters(
+    db: ReadModelDB,
+    start: datetime,
+    end: datetime,
+    bucket: str,
+    tz: str,
+    filters: tuple[str | None, str | None, str | None],
+    service_level_seconds: float,
+) -> tuple[list[str], list[list[int] | None], int]:
+    """`counters` in the query's layout, and T."""
     zone, t, k = _check(start, end, bucket, tz, service_level_seconds)
     lo, hi = _slot(start, up=False), _slot(end, up=True)
     margin = 2 * _DAY_SLOTS  # room to find the bucket boundaries around the range
@@ -252,19 +321,8 @@ def metrics(
     last = bisect_right(edges, hi - 1)
     bounds = edges[first : last + 1]
     sums: list[list[int] | None] = [None] * (len(bounds) - 1)
-    _read(db, parts, bounds, k, sums, (channel, queue, agent), t)
-    texts = _texts(bounds, parts)
-    buckets = [
-        {
-            "start": texts[i],
-            "end": texts[i + 1],
-            "kpis": kpis(_ZERO if row is None else row, t),
-        }
-        for i, row in enumerate(sums)
-    ]
-    filled = [row for row in sums if row is not None]
-    total = [sum(column) for column in zip(*filled, strict=True)] if filled else _ZERO
-    return {"buckets": buckets, "total": kpis(total, t)}
+    _read(db, parts, bounds, k, sums, filters, t)
+    return _texts(bounds, parts), sums, t
 
 
 def _read(
@@ -279,41 +337,103 @@ def _read(
     """Adds the counters of each bucket into `sums` (one statement per constant offset)."""
     if not db.table_exists(STATE_TABLE):
         return
-    channel, queue, agent = filters
-    key = (channel or ALL, queue or ALL, agent or ALL)
     with db.read() as tx:
         state = active_generation(tx, NAME)
         if state is None:
             return
-        counts = table(COUNTS, state.generation)
-        sums_sql = _sums_sql(service_level_seconds, postgres=tx.is_postgres)
+        source = _source(state.generation, parts, bounds, k, filters)
         for seg in parts:
             lo, hi = max(seg.start, bounds[0]), min(seg.end, bounds[-1])
             if lo < hi:
-                _read_segment(tx, counts, sums_sql, seg, lo, hi, k, key, bounds, sums)
+                _read_segment(tx, source, seg, lo, hi, k, bounds, sums, service_level_seconds)
+
+
+class _Source:
+    """Where a query's rows come from: `FROM`/`WHERE` text with its parameters, the time
+    column and its unit in slots, and whether rows of one unit must be summed (GROUP BY)."""
+
+    __slots__ = ("grouped", "params", "sql", "time", "unit")
+
+    def __init__(
+        self, sql: str, params: tuple[str, ...], time: str, unit: int, *, grouped: bool
+    ) -> None:
+        self.sql, self.params, self.time, self.unit, self.grouped = sql, params, time, unit, grouped
+
+
+def _source(
+    generation: int,
+    parts: Sequence[_Segment],
+    bounds: Sequence[int],
+    k: int,
+    filters: tuple[str | None, str | None, str | None],
+) -> _Source:
+    channel, queue, agent = filters
+    counts = table(COUNTS, generation)
+    if agent:
+        # The agent's rows, found through the key catalogue: at most one per channel and
+        # queue per slot (and the agent's time under channel and queue `*`).
+        where = ["k.agent=?"]
+        params = [agent]
+        for column, value in (("channel", channel), ("queue", queue)):
+            if value:
+                where.append(f"k.{column}=?")
+                params.append(value)
+        sql = (
+            f"FROM {table(KEYS, generation)} k JOIN {counts} c ON c.channel=k.channel "
+            f"AND c.queue=k.queue AND c.agent=k.agent WHERE {' AND '.join(where)} AND "
+        )
+        return _Source(sql, tuple(params), "c.slot", 1, grouped=True)
+    if not channel and not queue and k % SLOTS_PER_HOUR == 0 and _whole_hours(parts, bounds):
+        return _Source(
+            f"FROM {table(HOURLY, generation)} WHERE ",
+            (),
+            "hour",
+            SLOTS_PER_HOUR,
+            grouped=k != SLOTS_PER_HOUR,
+        )
+    return _Source(
+        f"FROM {counts} WHERE channel=? AND queue=? AND agent=? AND ",
+        (channel or ALL, queue or ALL, ALL),
+        "slot",
+        1,
+        grouped=k != 1,
+    )
+
+
+def _whole_hours(parts: Sequence[_Segment], bounds: Sequence[int]) -> bool:
+    """Every bucket edge and change of offset in the range falls on a UTC hour."""
+    lo, hi = bounds[0], bounds[-1]
+    edges = [*bounds]
+    for seg in parts:
+        if seg.end > lo and seg.start < hi:
+            edges += (seg.start, seg.offset)
+    return all(edge % SLOTS_PER_HOUR == 0 for edge in edges)
 
 
 def _read_segment(
     tx: Tx,
-    counts: str,
-    sums_sql: str,
+    source: _Source,
     seg: _Segment,
     lo: int,
     hi: int,
     k: int,
-    key: tuple[str, str, str],
     bounds: Sequence[int],
     sums: list[list[int] | None],
+    service_level_seconds: int,
 ) -> None:
-    # Within one offset, (slot + offset) // k numbers the local buckets; GROUP BY 1 because
+    unit = source.unit
+    per, offset = k // unit, seg.offset // unit
+    columns = _columns_sql(service_level_seconds, summed=source.grouped, postgres=tx.is_postgres)
+    # Within one offset, (time + offset) // per numbers the local buckets; GROUP BY 1 because
     # PostgreSQL cannot match a parameterised expression in GROUP BY to the select list.
+    group = f"({source.time} + CAST(? AS BIGINT)) / CAST(? AS BIGINT)"
+    tail = " GROUP BY 1" if source.grouped else ""
     rows = tx.execute(
-        f"SELECT (slot + CAST(? AS BIGINT)) / CAST(? AS BIGINT), {sums_sql} FROM {counts} "
-        "WHERE channel=? AND queue=? AND agent=? AND slot>=? AND slot<? GROUP BY 1",
-        (seg.offset, k, *key, lo, hi),
+        f"SELECT {group}, {columns} {source.sql}{source.time}>=? AND {source.time}<?{tail}",
+        (offset, per, *source.params, lo // unit, hi // unit),
     ).fetchall()
-    for group, *values in rows:
-        first_slot = max(int(group) * k - seg.offset, lo)
+    for number, *values in rows:
+        first_slot = max((int(number) * per - offset) * unit, lo)
         index = bisect_right(bounds, first_slot) - 1
         target = sums[index]
         if target is None:
@@ -323,13 +443,19 @@ def _read_segment(
 
 
 def _texts(bounds: Sequence[int], parts: Sequence[_Segment]) -> list[str]:
-    """Each boundary as local ISO 8601 with the offset in force at that instant."""
+    """Each boundary as local ISO 8601 with the offset in force at that instant (the date
+    formatted once per local day: a 90-day hourly answer has 2,161 of them)."""
     texts = []
+    days: dict[int, str] = {}
     i = 0
     for slot in bounds:
         while not parts[i].start <= slot < parts[i].end:
             i += 1
         seg = parts[i]
-        local = _EPOCH_NAIVE + timedelta(seconds=(slot + seg.offset) * SLOT_SECONDS)
-        texts.append(local.isoformat() + seg.suffix)
+        day, minutes = divmod((slot + seg.offset) * (SLOT_SECONDS // 60), 1440)
+        date = days.get(day)
+        if date is None:
+            date = days[day] = (_EPOCH_NAIVE + timedelta(days=day)).date().isoformat()
+        hour, minute = divmod(minutes, 60)
+        texts.append(f"{date}T{hour:02d}:{minute:02d}:00{seg.suffix}")
     return texts

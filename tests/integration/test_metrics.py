@@ -5,7 +5,7 @@ follow the time zone (DST days of 23 and 25 hours, a +05:45 zone) and its edges.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,8 +21,18 @@ from infra.store import open_event_store
 from projections.base import table
 from projections.db import ReadModelDB, open_read_models
 from projections.inbox_view import QueryError
-from projections.metrics import ALL, CHANNELS, COLUMNS, COUNTS, NAME, STATE, Metrics
-from projections.metrics_query import metrics
+from projections.metrics import (
+    ALL,
+    CHANNELS,
+    COLUMNS,
+    COUNTS,
+    HOURLY,
+    KEYS,
+    NAME,
+    STATE,
+    Metrics,
+)
+from projections.metrics_query import counters, metrics
 from projections.replay import PROJECTIONS, rebuild
 from projections.runner import ProjectionRunner
 from projections.tracking import active_generation
@@ -36,6 +46,7 @@ BERLIN_SLA = {
     "targets": {"0": {"first_response": "2h"}},
 }
 AGENTS = ("ann", "bob", "cyd")
+QUEUES = ("support", "billing")  # every agent row has one of them here
 
 
 @pytest.fixture
@@ -164,19 +175,29 @@ def act(day: Day, rng: random.Random, conv: Conversation, channel: str, step: An
         pass  # not allowed in the conversation's state: the script just moves on
 
 
-def rows(db: ReadModelDB) -> tuple[int, dict[tuple[Any, ...], tuple[int, ...]], dict[Any, Any]]:
+Tables = dict[str, Any]
+
+
+def rows(db: ReadModelDB) -> tuple[int, dict[tuple[Any, ...], tuple[int, ...]], Tables]:
+    """(generation, counter rows by key, everything else the generation holds)."""
     with db.read() as tx:
         state = active_generation(tx, NAME)
         assert state is not None
+        g = state.generation
         counts = tx.execute(
-            f"SELECT channel, queue, agent, slot, {', '.join(COLUMNS)} "
-            f"FROM {table(COUNTS, state.generation)}"
+            f"SELECT channel, queue, agent, slot, {', '.join(COLUMNS)} FROM {table(COUNTS, g)}"
         ).fetchall()
-        kept = tx.execute(f"SELECT kind, id, data FROM {table(STATE, state.generation)}").fetchall()
+        kept = tx.execute(f"SELECT kind, id, data FROM {table(STATE, g)}").fetchall()
+        keys = tx.execute(f"SELECT agent, channel, queue FROM {table(KEYS, g)}").fetchall()
+        hourly = tx.execute(f"SELECT hour, {', '.join(COLUMNS)} FROM {table(HOURLY, g)}").fetchall()
     return (
-        state.generation,
+        g,
         {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in counts},
-        {(kind, row_id): orjson.loads(data) for kind, row_id, data in kept},
+        {
+            "state": {(kind, row_id): orjson.loads(data) for kind, row_id, data in kept},
+            "keys": set(keys),
+            "hourly": {int(r[0]): tuple(int(v) for v in r[1:]) for r in hourly},
+        },
     )
 
 
@@ -192,39 +213,105 @@ def test_live_one_event_at_a_time_equals_the_rebuild(
         batches += 1
         if batches % 2:
             projection.forget()  # every other batch starts from the tables, not memory
-    live_generation, live_counts, live_state = rows(day.db)
+    live_generation, live_counts, live_tables = rows(day.db)
     assert batches == day.store.max_notification_id()
     assert sum(v[COLUMNS.index("opened")] for k, v in live_counts.items() if k[:3] == (ALL,) * 3)
 
     monkeypatch.setitem(PROJECTIONS, NAME, Metrics)
     result = rebuild(day.store, day.db, NAME, from_start=True, batch_size=10_000)
-    rebuilt_generation, rebuilt_counts, rebuilt_state = rows(day.db)
+    rebuilt_generation, rebuilt_counts, rebuilt_tables = rows(day.db)
     assert (result.previous_generation, rebuilt_generation) == (live_generation, 2)
     assert rebuilt_counts == live_counts
-    assert rebuilt_state == live_state
+    assert rebuilt_tables == live_tables
+
+
+def add(*rows: Sequence[int]) -> list[int]:
+    return [sum(column) for column in zip(*rows, strict=True)] if rows else [0] * len(COLUMNS)
 
 
 def test_roll_ups_add_up_across_every_dimension(day: Day) -> None:
     traffic(day, 3, conversations=60)
     ProjectionRunner(day.store, day.db, [Metrics()]).run_until_caught_up()
-    _, counts, _ = rows(day.db)
-    by_dim: dict[tuple[Any, ...], list[int]] = {}
-    for (channel, queue, agent, slot), values in counts.items():
-        # each concrete value of one dimension, the others at "all", sums to the "all" row
-        for dim, value in enumerate((channel, queue, agent)):
-            others = [d for i, d in enumerate((channel, queue, agent)) if i != dim]
-            if value != ALL and others == [ALL, ALL]:
-                total = by_dim.setdefault((dim, slot), [0] * len(COLUMNS))
-                by_dim[(dim, slot)] = [a + b for a, b in zip(total, values, strict=True)]
-    assert by_dim
-    agents_time = {COLUMNS.index("busy_us"), COLUMNS.index("staffed_us")}
-    for (dim, slot), summed in by_dim.items():
+    _, counts, tables = rows(day.db)
+    agents_time = [COLUMNS.index("busy_us"), COLUMNS.index("staffed_us")]
+
+    def without_agents_time(values: Sequence[int]) -> list[int]:
+        return [0 if i in agents_time else v for i, v in enumerate(values)]
+
+    slots = {slot for (_, _, _, slot) in counts}
+    assert slots
+    for slot in slots:
         everything = counts[(ALL, ALL, ALL, slot)]
-        for i, (part, whole) in enumerate(zip(summed, everything, strict=True)):
-            if i in agents_time and dim != 2:
-                assert part == 0  # an agent's time is kept under all channels and queues
-            else:
-                assert part == whole, (COLUMNS[i], dim, slot)
+        by_channel = {c: v for (c, q, a, s), v in counts.items() if s == slot and q == a == ALL}
+        by_queue = {q: v for (c, q, a, s), v in counts.items() if s == slot and c == a == ALL}
+        pairs = {
+            (c, q): v
+            for (c, q, a, s), v in counts.items()
+            if s == slot and a == ALL and ALL not in (c, q)
+        }
+        # each channel's row, each queue's row, sum to all traffic (an agent's time is kept
+        # under all channels and queues only)
+        agents = add(*(v for (c, q, a, s), v in counts.items() if s == slot and c == ALL != a))
+        assert add(*(v for c, v in by_channel.items() if c != ALL), agents) == list(everything)
+        assert add(*(v for q, v in by_queue.items() if q != ALL), agents) == list(everything)
+        # and the (channel, queue) rows to each channel's and each queue's
+        for channel, values in by_channel.items():
+            if channel != ALL:
+                parts = [v for (c, _), v in pairs.items() if c == channel]
+                assert add(*parts) == list(values)
+        for queue, values in by_queue.items():
+            if queue != ALL:
+                parts = [v for (_, q), v in pairs.items() if q == queue]
+                assert add(*parts) == list(values)
+        # and an agent's rows under a channel never exceed that (channel, queue)
+        for (c, q, a, s), values in counts.items():
+            if s == slot and ALL not in (c, q, a):
+                assert all(part <= whole for part, whole in zip(values, pairs[(c, q)], strict=True))
+    # the key catalogue lists exactly the agents' rows
+    assert tables["keys"] == {(a, c, q) for (c, q, a, _) in counts if a != ALL}
+    assert all(c == q == ALL for (a, c, q) in tables["keys"] if ALL in (c, q))
+    # each hour holds the sum of its four slots of all traffic
+    hours: dict[int, list[int]] = {}
+    for (c, q, a, slot), values in counts.items():
+        if c == q == a == ALL:
+            hours[slot // 4] = add(hours.get(slot // 4, [0] * len(COLUMNS)), values)
+    assert {h: list(v) for h, v in tables["hourly"].items()} == hours
+
+
+def test_every_way_of_reading_gives_the_same_sums(day: Day) -> None:
+    traffic(day, 4, conversations=60)
+    ProjectionRunner(day.store, day.db, [Metrics()]).run_until_caught_up()
+    start, end = T0 - timedelta(hours=2), T0 + timedelta(days=4)
+
+    def sums(bucket: str, **filters: Any) -> list[list[int]]:
+        _, found = counters(day.db, start=start, end=end, bucket=bucket, **filters)
+        return [[0] * len(COLUMNS) if row is None else row for row in found]
+
+    # hours of all traffic (read from the hourly table) are their four quarters (the slots)
+    quarters = sums("15m")
+    assert sums("hour") == [add(*quarters[i : i + 4]) for i in range(0, len(quarters), 4)]
+    berlin_days = sums("day", tz="Europe/Berlin")  # whole hours, a DST change inside
+    nepal_days = sums("day", tz="Asia/Kathmandu")  # quarter hours: read from the slots
+    assert add(*berlin_days) == add(*nepal_days) == add(*quarters)
+    assert add(*quarters)[COLUMNS.index("opened")] > 0
+    # an agent's sums are their sums per channel, plus their time (under no channel)
+    agents_time = [COLUMNS.index("busy_us"), COLUMNS.index("staffed_us")]
+    for agent in AGENTS:
+        whole = sums("day", agent=agent)
+        per_channel = [sums("day", agent=agent, channel=c) for c in CHANNELS]
+        assert any(any(row) for row in whole)
+        for i, row in enumerate(whole):
+            summed = add(*(days[i] for days in per_channel))
+            assert [v for c, v in enumerate(row) if c not in agents_time] == [
+                v for c, v in enumerate(summed) if c not in agents_time
+            ]
+            assert all(summed[c] == 0 for c in agents_time)
+        # and per queue within a channel
+        for channel in ("voice", "email"):
+            by_queue = [sums("day", agent=agent, channel=channel, queue=q) for q in QUEUES]
+            assert add(*(add(*d) for d in by_queue)) == add(
+                *sums("day", agent=agent, channel=channel)
+            )
 
 
 def message_at(day: Day, name: str, when: datetime) -> None:

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from projections.metrics import ALL, CHANNELS, COLUMNS, IDX, SL_EDGES, US, roll_ups
+from projections.metrics import ALL, CHANNELS, COLUMNS, IDX, SL_EDGES, US, roll_up, roll_ups
 from projections.metrics_query import boundaries, kpis, segments
 
 SHARES = (
@@ -208,10 +208,10 @@ def test_a_mean_of_the_whole_lies_between_its_parts_means(rows: list[list[int]])
 
 
 keys = st.tuples(
-    st.integers(0, 10**6),
     st.sampled_from(CHANNELS),
     st.sampled_from(("", "support", "billing")),
     st.sampled_from(("", "sue", "tom")),
+    st.integers(0, 10**6),
 )
 
 
@@ -223,18 +223,61 @@ def test_roll_ups_count_each_key_once_under_every_filter(events: list[Any]) -> N
     for key in events:
         for rolled in roll_ups(key):
             cube[rolled] = cube.get(rolled, 0) + 1
-    # then any filter (each dimension fixed or "all") sees exactly the keys matching it
-    for slot, channel, queue, agent in cube:
-        matching = sum(
-            1
-            for s, c, q, a in events
-            if s == slot and channel in (c, ALL) and queue in (q, ALL) and agent in (a, ALL)
-        )
-        assert cube[(slot, channel, queue, agent)] == matching
+    for channel, queue, agent, slot in cube:
+        if agent == ALL:
+            # then a filter without an agent (channel, queue each fixed or all) reads one row
+            # that counts exactly the keys matching it
+            matching = sum(
+                1
+                for c, q, _, s in events
+                if s == slot and channel in (c, ALL) and queue in (q, ALL)
+            )
+        else:
+            # and a row with an agent is the key itself (a query sums them over the others)
+            assert ALL not in (channel, queue)
+            assert agent
+            matching = events.count((channel, queue, agent, slot))
+        assert cube[(channel, queue, agent, slot)] == matching
 
 
 def test_an_agents_time_is_kept_under_all_channels_and_queues_only() -> None:
-    assert roll_ups((5, ALL, ALL, "sue")) == [(5, ALL, ALL, "sue"), (5, ALL, ALL, ALL)]
+    assert roll_ups((ALL, ALL, "sue", 5)) == [(ALL, ALL, "sue", 5), (ALL, ALL, ALL, 5)]
+
+
+deltas = st.dictionaries(
+    st.one_of(
+        keys,
+        st.tuples(st.just(ALL), st.just(ALL), st.sampled_from(("sue", "tom")), st.integers(0, 20)),
+    ),
+    st.dictionaries(st.integers(0, len(COLUMNS) - 1), st.integers(-3, 10**9), max_size=4),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(deltas)
+def test_a_batch_rolled_up_in_stages_equals_every_key_added_to_each_of_its_rows(
+    batch: dict[tuple[str, str, str, int], dict[int, int]],
+) -> None:
+    # given a batch's counter deltas by key
+    # when they are rolled up the fast way
+    cube, hourly = roll_up(batch)
+    # then every row holds what the deltas of the keys going to it add up to
+    expected: dict[tuple[Any, ...], list[int]] = {}
+    for key, delta in batch.items():
+        for rolled in roll_ups(key):
+            total = expected.setdefault(rolled, [0] * len(COLUMNS))
+            for column, value in delta.items():
+                total[column] += value
+    assert {key: row[4:] for key, row in cube.items()} == expected
+    assert all(row[:4] == list(key) for key, row in cube.items())
+    # and each hour holds the sum of its four slots of all traffic
+    hours: dict[int, list[int]] = {}
+    for (channel, queue, agent, slot), total in expected.items():
+        if (channel, queue, agent) == (ALL, ALL, ALL):
+            into = hours.setdefault(slot // 4, [0] * len(COLUMNS))
+            hours[slot // 4] = [a + b for a, b in zip(into, total, strict=True)]
+    assert hourly == hours
 
 
 # -- buckets ------------------------------------------------------------------------------
