@@ -12,6 +12,7 @@ in large batches, as bench/replay.py does.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import tempfile
@@ -246,6 +247,11 @@ def raw_rates(store: EventStore) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
+def load() -> str:
+    """The 1-minute load average: the machine is shared, so every figure carries it."""
+    return f"load {os.getloadavg()[0]:.2f}"
+
+
 def query_latency(db: Any, runs: int, **filters: Any) -> tuple[float, float, float]:
     """p50 and p99 of `metrics()` for 90 days by hour (ms), and the JSON size (kB)."""
     times = []
@@ -278,7 +284,9 @@ def main() -> None:
     setup = time.perf_counter() - started
     raw_all, raw_handled = raw_rates(store)
     PROJECTIONS.setdefault(NAME, Metrics)
+    cpu = time.process_time()
     result = rebuild(store, db, NAME, from_start=True)
+    cpu = time.process_time() - cpu
     rate = result.events / result.seconds
     print(
         f"metrics benchmark: {written:,} stored events over {DAYS} days, {args.agents} agents, "
@@ -288,20 +296,29 @@ def main() -> None:
     print(f"  raw limit: read + decode what metrics reads {raw_handled:>9,.0f} events/s")
     print(
         f"  rebuild metrics                            {rate:>10,.0f} events/s "
-        f"({result.seconds:.1f} s, {rate / raw_handled:.0%} of the raw limit)"
+        f"({result.seconds:.1f} s, {rate / raw_handled:.0%} of the raw limit; "
+        f"{cpu:.1f} s of CPU; {load()})"
     )
+    counted = []
     with db.read() as tx:
-        rows = tx.execute(f"SELECT COUNT(*) FROM metrics_counts_g{result.generation}").fetchone()
-    print(f"  counter rows (8 roll-ups per key)          {rows[0] if rows else 0:>10,}")
+        for name in ("metrics_counts", "metrics_agents"):
+            row = tx.execute(f"SELECT COUNT(*) FROM {name}_g{result.generation}").fetchone()
+            counted.append(int(row[0]) if row else 0)
+    print(
+        f"  counter rows (all agents + by agent)       {sum(counted):>10,} "
+        f"({counted[0]:,} + {counted[1]:,})"
+    )
     for label, filters in (
         ("all traffic, UTC", {}),
         ("all traffic, Europe/Berlin (DST inside)", {"tz": "Europe/Berlin"}),
+        ("one channel", {"channel": "voice"}),
+        ("one agent", {"agent": "agent-7"}),
         ("one queue and one agent", {"queue": "billing", "agent": "agent-7"}),
     ):
         p50, p99, size = query_latency(db, args.queries, **filters)
         print(
             f"  metrics() 90 days by hour, {label:<40} p50 {p50:6.1f} ms  p99 {p99:6.1f} ms"
-            f"  ({size:,.0f} kB of JSON)"
+            f"  ({size:,.0f} kB of JSON; {load()})"
         )
     payload = metrics(db, start=T0, end=T0 + timedelta(days=DAYS), bucket="hour")
     start = time.perf_counter()

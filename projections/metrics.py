@@ -2,14 +2,14 @@
 from which every KPI of CONTRACT.md is a ratio of sums (docs/metrics.md has the definitions).
 
 Tables (generation N):
-- `metrics_counts_gN`: rows keyed (channel, queue, agent, slot) with the counters in `COLUMNS`
-  (whole numbers; durations in microseconds, so sums are exact in any order and a rebuild
-  equals the live model bit for bit). `''` stands for "no queue" / "no agent", `*` for all.
-  An event's counters go to 4 roll-ups under agent `*` ((channel, queue), channel, queue,
-  everything), so a query without an agent reads one row per slot, and to the concrete key
-  when it has an agent: a query naming an agent sums that agent's rows (see `roll_ups`).
-- `metrics_keys_gN`: the (agent, channel, queue) of every row with a concrete agent, so such a
-  query finds that agent's rows with index seeks.
+- `metrics_counts_gN`: the counters in `COLUMNS` of all agents, per (channel, queue, slot),
+  channel and queue each as itself or `*` = all: an event's counters go to the 4 roll-ups of
+  its key, so a query without an agent reads one row per slot. Whole numbers (durations in
+  microseconds, so sums are exact in any order and a rebuild equals the live model bit for
+  bit). `''` stands for "no queue" / "no agent".
+- `metrics_agents_gN`: the same counters per (agent, slot, channel, queue) for keys with an
+  agent, so a query naming an agent sums that agent's rows of the range (at most one per
+  channel and queue it worked in per slot); an agent's time under channel and queue `*`.
 - `metrics_hourly_gN`: the all-traffic counters per UTC hour (4 slots), for hour and day
   buckets over long ranges in zones whose offsets are whole hours.
 - `metrics_state_gN`: what later events need to know, as JSON per (kind, id): conversations
@@ -18,7 +18,7 @@ Tables (generation N):
 
 A batch is applied in memory: state rows are loaded once (or kept from earlier batches while
 nobody else wrote the generation), counter deltas are summed per key, rolled up, and each
-changed row is written once (one upsert that adds, in primary-key order).
+changed row is written once (one upsert that adds).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from projections.db import Tx
 
 NAME = "metrics"
 COUNTS = "metrics_counts"
-KEYS = "metrics_keys"
+AGENTS = "metrics_agents"
 HOURLY = "metrics_hourly"
 STATE = "metrics_state"
 
@@ -196,27 +196,28 @@ class Metrics:
         return [
             table(COUNTS, generation),
             table(STATE, generation),
-            table(KEYS, generation),
+            table(AGENTS, generation),
             table(HOURLY, generation),
         ]
 
     def create_tables(self, tx: Tx, generation: int) -> None:
-        counts, state, keys, hourly = self.tables(generation)
+        counts, state, agents, hourly = self.tables(generation)
         clustered = "" if tx.is_postgres else " WITHOUT ROWID"
         columns = ", ".join(f"{c} BIGINT NOT NULL DEFAULT 0" for c in COLUMNS)
-        # Key order: a query fixes the three dimensions and reads a range of slots.
+        # Key orders: a query fixes channel and queue and reads a range of slots; an agent's
+        # query reads a range of that agent's slots (whatever the channel and queue).
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {counts} (channel TEXT NOT NULL, queue TEXT NOT NULL, "
-            f"agent TEXT NOT NULL, slot BIGINT NOT NULL, {columns}, "
-            "PRIMARY KEY (channel, queue, agent, slot))" + clustered
+            f"slot BIGINT NOT NULL, {columns}, PRIMARY KEY (channel, queue, slot))" + clustered
+        )
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {agents} (agent TEXT NOT NULL, slot BIGINT NOT NULL, "
+            f"channel TEXT NOT NULL, queue TEXT NOT NULL, {columns}, "
+            "PRIMARY KEY (agent, slot, channel, queue))" + clustered
         )
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {state} (kind TEXT NOT NULL, id TEXT NOT NULL, "
             "data TEXT NOT NULL, PRIMARY KEY (kind, id))" + clustered
-        )
-        tx.execute(
-            f"CREATE TABLE IF NOT EXISTS {keys} (agent TEXT NOT NULL, channel TEXT NOT NULL, "
-            "queue TEXT NOT NULL, PRIMARY KEY (agent, channel, queue))" + clustered
         )
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {hourly} (hour BIGINT NOT NULL PRIMARY KEY, {columns})"
@@ -259,17 +260,18 @@ class _Cache:
         self.complete = complete
         self.rows: dict[str, dict[str, Any]] = {kind: {} for kind in _KINDS}
         self.calendars: dict[str, BusinessHours | None] | None = None
-        self.keys: set[tuple[str, str, str]] = set()  # (agent, channel, queue) in the table
 
     def size(self) -> int:
         return sum(len(rows) for rows in self.rows.values())
 
 
-def roll_up(deltas: dict[Key, dict[int, int]]) -> tuple[dict[Key, list[Any]], dict[int, list[int]]]:
-    """Every row the batch's deltas go to (see `roll_ups`), as [*key, *counters], and the
+def roll_up(
+    deltas: dict[Key, dict[int, int]],
+) -> tuple[dict[Key, list[int]], dict[int, list[int]]]:
+    """The counters of every row the batch's deltas go to (see `roll_ups`), and the
     all-traffic counters per hour. In stages, so that each delta is added twice at most
     (to its own row and its (channel, queue)); the wider roll-ups are sums of those."""
-    cube: dict[Key, list[Any]] = {}
+    cube: dict[Key, list[int]] = {}
     pairs: dict[Key, list[int]] = {}  # (channel, queue, *, slot)
     everything: dict[Key, list[int]] = {}  # (*, *, *, slot)
     zeros = [0] * _N
@@ -284,9 +286,9 @@ def roll_up(deltas: dict[Key, dict[int, int]]) -> tuple[dict[Key, list[Any]], di
         for column, value in delta.items():
             target[column] += value
         if agent:  # no query asks for "no agent"
-            row = cube[key] = [*key, *zeros]
+            row = cube[key] = list(zeros)
             for column, value in delta.items():
-                row[column + 4] += value
+                row[column] += value
     by_channel: dict[Key, list[int]] = {}
     by_queue: dict[Key, list[int]] = {}
     for (channel, queue, _, slot), counters in pairs.items():
@@ -294,10 +296,9 @@ def roll_up(deltas: dict[Key, dict[int, int]]) -> tuple[dict[Key, list[Any]], di
         _sum_into(by_queue, (ALL, queue, ALL, slot), counters)
     for (_, _, _, slot), counters in by_channel.items():
         _sum_into(everything, (ALL, ALL, ALL, slot), counters)
-    hourly: dict[int, list[int]] = {}
     for rolled_up in (pairs, by_channel, by_queue, everything):
-        for key, counters in rolled_up.items():
-            cube[key] = [*key, *counters]
+        cube.update(rolled_up)
+    hourly: dict[int, list[int]] = {}
     for (_, _, _, slot), counters in everything.items():
         hour = slot // SLOTS_PER_HOUR
         hourly[hour] = list(map(add, hourly.get(hour, zeros), counters))
@@ -312,7 +313,7 @@ def _sum_into(rows: dict[Key, list[int]], key: Key, counters: list[int]) -> None
 class _Batch:
     def __init__(self, tx: Tx, tables: list[str], cache: _Cache) -> None:
         self.tx = tx
-        self.counts_table, self.state_table, self.keys_table, self.hourly_table = tables
+        self.counts_table, self.state_table, self.agents_table, self.hourly_table = tables
         self.cache = cache
         self.rows = cache.rows
         self.dirty: set[tuple[str, str]] = set()
@@ -402,19 +403,12 @@ class _Batch:
             [(k, i, orjson.dumps(rows[k][i]).decode()) for k, i in sorted(self.dirty)],
         )
         cube, hourly = roll_up(self.deltas)
-        known = self.cache.keys
-        new_keys = sorted({(a, c, q) for c, q, a, _ in self.deltas if a} - known)
-        self.tx.executemany(
-            f"INSERT INTO {self.keys_table} (agent, channel, queue) VALUES (?, ?, ?) "
-            "ON CONFLICT (agent, channel, queue) DO NOTHING",
-            new_keys,
-        )
-        known.update(new_keys)
-        # In primary-key order: the B-tree is walked once, left to right.
-        self.tx.executemany(
-            _upsert_sql(self.counts_table, "channel, queue, agent, slot"),
-            [cube[key] for key in sorted(cube)],
-        )
+        # In the order the batch first touched them (about time order): sorting them in
+        # primary-key order made no difference to SQLite here, and cost a second per million.
+        everyone = [[c, q, slot, *v] for (c, q, a, slot), v in cube.items() if a == ALL]
+        agents = [[a, slot, c, q, *v] for (c, q, a, slot), v in cube.items() if a != ALL]
+        self.tx.executemany(_upsert_sql(self.counts_table, "channel, queue, slot"), everyone)
+        self.tx.executemany(_upsert_sql(self.agents_table, "agent, slot, channel, queue"), agents)
         self.tx.executemany(
             _upsert_sql(self.hourly_table, "hour"),
             [[hour, *hourly[hour]] for hour in sorted(hourly)],

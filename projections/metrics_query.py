@@ -8,9 +8,11 @@ number of the model's 15-minute UTC slots, which holds for every zone whose offs
 quarter hours (all of them since 1979 or so; others are refused). The range is widened to
 whole buckets: the first bucket holds `start`, the last one holds the instant before `end`.
 
-One SQL statement per stretch of constant UTC offset (one or two for 90 days) sums the slots
-of each bucket, reading at most one row per slot: the counters are stored rolled up by every
-combination of the filters (see projections/metrics.py).
+One SQL statement per stretch of constant UTC offset (one or two for 90 days) sums the rows
+of each bucket: all traffic by hour or day in a zone of whole-hour offsets reads the hourly
+table (one row per hour); other queries without an agent read one row per slot (the counters
+are rolled up over agents); a query naming an agent sums that agent's rows of the range (see
+projections/metrics.py).
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from projections.base import table
 from projections.db import ReadModelDB, Tx
 from projections.inbox_view import QueryError
 from projections.metrics import (
+    AGENTS,
     ALL,
     CHANNELS,
     COLUMNS,
     COUNTS,
     HOURLY,
     IDX,
-    KEYS,
     NAME,
     SL_EDGES,
     SLOT_SECONDS,
@@ -368,21 +370,17 @@ def _source(
     filters: tuple[str | None, str | None, str | None],
 ) -> _Source:
     channel, queue, agent = filters
-    counts = table(COUNTS, generation)
     if agent:
-        # The agent's rows, found through the key catalogue: at most one per channel and
-        # queue per slot (and the agent's time under channel and queue `*`).
-        where = ["k.agent=?"]
+        # The agent's rows of the range: at most one per channel and queue per slot (and the
+        # agent's time under channel and queue `*`, which a channel or queue leaves out).
+        where = ["agent=?"]
         params = [agent]
         for column, value in (("channel", channel), ("queue", queue)):
             if value:
-                where.append(f"k.{column}=?")
+                where.append(f"{column}=?")
                 params.append(value)
-        sql = (
-            f"FROM {table(KEYS, generation)} k JOIN {counts} c ON c.channel=k.channel "
-            f"AND c.queue=k.queue AND c.agent=k.agent WHERE {' AND '.join(where)} AND "
-        )
-        return _Source(sql, tuple(params), "c.slot", 1, grouped=True)
+        sql = f"FROM {table(AGENTS, generation)} WHERE {' AND '.join(where)} AND "
+        return _Source(sql, tuple(params), "slot", 1, grouped=True)
     if not channel and not queue and k % SLOTS_PER_HOUR == 0 and _whole_hours(parts, bounds):
         return _Source(
             f"FROM {table(HOURLY, generation)} WHERE ",
@@ -392,8 +390,8 @@ def _source(
             grouped=k != SLOTS_PER_HOUR,
         )
     return _Source(
-        f"FROM {counts} WHERE channel=? AND queue=? AND agent=? AND ",
-        (channel or ALL, queue or ALL, ALL),
+        f"FROM {table(COUNTS, generation)} WHERE channel=? AND queue=? AND ",
+        (channel or ALL, queue or ALL),
         "slot",
         1,
         grouped=k != 1,

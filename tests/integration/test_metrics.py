@@ -21,13 +21,13 @@ from infra.store import open_event_store
 from projections.base import table
 from projections.db import ReadModelDB, open_read_models
 from projections.inbox_view import QueryError
+from projections.metrics import AGENTS as AGENT_ROWS
 from projections.metrics import (
     ALL,
     CHANNELS,
     COLUMNS,
     COUNTS,
     HOURLY,
-    KEYS,
     NAME,
     STATE,
     Metrics,
@@ -179,23 +179,27 @@ Tables = dict[str, Any]
 
 
 def rows(db: ReadModelDB) -> tuple[int, dict[tuple[Any, ...], tuple[int, ...]], Tables]:
-    """(generation, counter rows by key, everything else the generation holds)."""
+    """(generation, counter rows by (channel, queue, agent, slot) from both counter tables,
+    everything else the generation holds)."""
+    names = ", ".join(COLUMNS)
     with db.read() as tx:
         state = active_generation(tx, NAME)
         assert state is not None
         g = state.generation
-        counts = tx.execute(
-            f"SELECT channel, queue, agent, slot, {', '.join(COLUMNS)} FROM {table(COUNTS, g)}"
+        everyone = tx.execute(
+            f"SELECT channel, queue, '{ALL}', slot, {names} FROM {table(COUNTS, g)}"
+        ).fetchall()
+        agents = tx.execute(
+            f"SELECT channel, queue, agent, slot, {names} FROM {table(AGENT_ROWS, g)}"
         ).fetchall()
         kept = tx.execute(f"SELECT kind, id, data FROM {table(STATE, g)}").fetchall()
-        keys = tx.execute(f"SELECT agent, channel, queue FROM {table(KEYS, g)}").fetchall()
-        hourly = tx.execute(f"SELECT hour, {', '.join(COLUMNS)} FROM {table(HOURLY, g)}").fetchall()
+        hourly = tx.execute(f"SELECT hour, {names} FROM {table(HOURLY, g)}").fetchall()
+    assert all(r[2] != ALL for r in agents)
     return (
         g,
-        {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in counts},
+        {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in [*everyone, *agents]},
         {
             "state": {(kind, row_id): orjson.loads(data) for kind, row_id, data in kept},
-            "keys": set(keys),
             "hourly": {int(r[0]): tuple(int(v) for v in r[1:]) for r in hourly},
         },
     )
@@ -267,9 +271,11 @@ def test_roll_ups_add_up_across_every_dimension(day: Day) -> None:
         for (c, q, a, s), values in counts.items():
             if s == slot and ALL not in (c, q, a):
                 assert all(part <= whole for part, whole in zip(values, pairs[(c, q)], strict=True))
-    # the key catalogue lists exactly the agents' rows
-    assert tables["keys"] == {(a, c, q) for (c, q, a, _) in counts if a != ALL}
-    assert all(c == q == ALL for (a, c, q) in tables["keys"] if ALL in (c, q))
+    # an agent's row under no channel or queue is their time only
+    agents_only = [v for (c, q, a, _), v in counts.items() if a != ALL and ALL in (c, q)]
+    assert agents_only
+    assert all(c == q == ALL for (c, q, a, _) in counts if a != ALL and ALL in (c, q))
+    assert all(not v for row in agents_only for i, v in enumerate(row) if i not in agents_time)
     # each hour holds the sum of its four slots of all traffic
     hours: dict[int, list[int]] = {}
     for (c, q, a, slot), values in counts.items():
