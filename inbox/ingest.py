@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from typing import Any
@@ -42,22 +42,31 @@ _AUTOMATIC_MARKER = "auto_submitted"
 
 class AggregateCache:
     """Aggregates by id, bounded so the worker's memory is too: the oldest entries go first
-    (cheaper than LRU bookkeeping on every hit; an evicted aggregate is just read again)."""
+    (cheaper than LRU bookkeeping on every hit; an evicted aggregate is just read again).
+
+    Keyed by the id's integer: a UUID hashes in Python code, an int in C, and the worker
+    looks up a few aggregates per contact event."""
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._items: dict[UUID, Any] = {}
+        self._items: dict[int, Any] = {}
         self._limit = limit
 
     def get(self, key: UUID) -> Any:
-        return self._items.get(key)
+        return self._items.get(key.int)
 
     def put(self, key: UUID, aggregate: Any) -> None:
-        self._items[key] = aggregate
+        self.put_all([(key.int, aggregate)])
+
+    def put_all(self, items: Iterable[tuple[int, Any]]) -> None:
+        self._items.update(items)
         if len(self._items) > self._limit:
             for old in list(itertools.islice(self._items, len(self._items) - self._limit)):
                 del self._items[old]
 
     def discard(self, keys: Sequence[UUID]) -> None:
+        self.discard_ints([key.int for key in keys])
+
+    def discard_ints(self, keys: Iterable[int]) -> None:
         for key in keys:
             self._items.pop(key, None)
 
@@ -68,46 +77,52 @@ class AggregateCache:
         return len(self._items)
 
 
-@dataclass
 class _UnitOfWork:
-    """The aggregates one batch touched and the events they recorded, in order."""
+    """The aggregates one batch touched and the events they recorded, in order. Keyed by the
+    ids' integers, as the cache is."""
 
-    store: EventStorePort
-    cache: AggregateCache
-    # Ids known to have no events yet: looked up for the whole batch in one query.
-    absent: set[UUID] = field(default_factory=set)
-    touched: dict[UUID, Any] = field(default_factory=dict)
-    cached: set[UUID] = field(default_factory=set)
-    events: list[CanMutateAggregate[UUID]] = field(default_factory=list)
-    _recent: list[Any] = field(default_factory=list)
+    __slots__ = ("_recent", "absent", "cache", "cached", "events", "store", "touched")
+
+    def __init__(self, store: EventStorePort, cache: AggregateCache) -> None:
+        self.store = store
+        self.cache = cache
+        # Ids known to have no events yet: looked up for the whole batch in one query.
+        self.absent: set[int] = set()
+        self.touched: dict[int, Any] = {}
+        self.cached: set[int] = set()
+        self.events: list[CanMutateAggregate[UUID]] = []
+        self._recent: list[Any] = []
 
     def get(self, aggregate_id: UUID) -> Any:
-        aggregate = self.touched.get(aggregate_id)
+        key = aggregate_id.int
+        aggregate = self.touched.get(key)
         if aggregate is None:
-            aggregate = self.cache.get(aggregate_id)
+            aggregate = self.cache._items.get(key)
             if aggregate is not None:
-                self.cached.add(aggregate_id)
-            elif aggregate_id not in self.absent:
+                self.cached.add(key)
+            elif key not in self.absent:
                 aggregate = self.store.get(aggregate_id)
             if aggregate is not None:
-                self.touched[aggregate_id] = aggregate
+                self.touched[key] = aggregate
         if aggregate is not None:
             self._recent.append(aggregate)
         return aggregate
 
     def add(self, aggregate: Any) -> Any:
-        self.touched[aggregate.id] = aggregate
-        self.absent.discard(aggregate.id)
+        key = aggregate.id.int
+        self.touched[key] = aggregate
+        self.absent.discard(key)
         self._recent.append(aggregate)
         return aggregate
 
     def collect(self) -> None:
         """Moves the events of the aggregates used since the last call, in trigger order
         per aggregate and in first-use order across them."""
+        events = self.events
         for aggregate in self._recent:
-            pending = aggregate.pending_events
+            pending = aggregate._pending_events
             if pending:
-                self.events.extend(pending)
+                events.extend(pending)
                 pending.clear()
         self._recent.clear()
 
@@ -168,17 +183,18 @@ class Ingestor:
             try:
                 outcome = self._apply(uow, batch, tracking)
             except IntegrityError:
-                self.cache.discard(list(uow.touched))
+                self.cache.discard_ints(list(uow.touched))
                 telemetry.WRITE_CONFLICTS.inc()
                 log.info("write conflict on %s, attempt %d", tracking.application_name, attempt)
                 continue
             except BaseException:
                 # Cached aggregates were changed in place by a batch that did not land.
-                self.cache.discard(list(uow.touched))
+                self.cache.discard_ints(list(uow.touched))
                 raise
-            for key, aggregate in uow.touched.items():
-                if key not in uow.cached:
-                    self.cache.put(key, aggregate)
+            cached = uow.cached
+            self.cache.put_all(
+                (key, aggregate) for key, aggregate in uow.touched.items() if key not in cached
+            )
             return outcome
         raise IntegrityError(f"{tracking.application_name}: {attempts} write conflicts in a row")
 
@@ -189,22 +205,24 @@ class Ingestor:
         tracking: Tracking,
     ) -> BatchOutcome:
         seen = self.store.seen_event_ids([event.event_id for event, _ in batch])
-        claim_ids = {
-            ids.claim_id(key)
-            for event, _ in batch
-            if event.event_id not in seen
-            for key in event.identity_keys()
-        }
-        unknown = [i for i in claim_ids if self.cache.get(i) is None]
-        uow.absent.update(set(unknown) - self.store.existing_ids(unknown))
+        fresh: list[tuple[ContactEvent, list[str], list[UUID]]] = []
         sources: list[ContactEventSource] = []
+        claim_ids: set[UUID] = set()
         for event, source in batch:
             if event.event_id in seen:
                 continue
             seen.add(event.event_id)
-            apply_contact_event(uow, event)
-            uow.collect()
+            keys = event.identity_keys()
+            claims = [ids.claim_id(key) for key in keys]
+            claim_ids.update(claims)
+            fresh.append((event, keys, claims))
             sources.append(source)
+        cached = self.cache._items
+        unknown = [i for i in claim_ids if i.int not in cached]
+        uow.absent.update(i.int for i in set(unknown) - self.store.existing_ids(unknown))
+        for event, keys, claims in fresh:
+            apply_contact_event(uow, event, keys, claims)
+            uow.collect()
         notification_ids = self.store.record(uow.events, tracking=tracking, contact_events=sources)
         return BatchOutcome(
             stored=len(sources),
@@ -219,18 +237,35 @@ def _uuid(text: str) -> UUID:
     return UUID(text)
 
 
-def apply_contact_event(uow: _UnitOfWork, event: ContactEvent) -> None:
-    """The decisions for one contact event: who it is from and which conversation it joins."""
+def apply_contact_event(
+    uow: _UnitOfWork,
+    event: ContactEvent,
+    keys: list[str] | None = None,
+    claim_ids: list[UUID] | None = None,
+) -> None:
+    """The decisions for one contact event: who it is from and which conversation it joins.
+    `keys` and `claim_ids`: the event's identity keys and their claims' ids, when known."""
+    if keys is None:
+        keys = event.identity_keys()
+    if claim_ids is None:
+        claim_ids = [ids.claim_id(key) for key in keys]
     at = iso(event.occurred_at)
-    customer = _resolve_customer(uow, event, at)
+    customer = _resolve_customer(uow, event, keys, claim_ids, at)
     conversation = _current_conversation(uow, customer, event, at)
     _record(conversation, event, at)
 
 
-def _resolve_customer(uow: _UnitOfWork, event: ContactEvent, at: str) -> Customer:
-    keys = event.identity_keys()
-    claims: list[IdentityClaim | None] = [uow.get(ids.claim_id(key)) for key in keys]
-    owner = next((claim.customer_id for claim in claims if claim is not None), None)
+def _resolve_customer(
+    uow: _UnitOfWork, event: ContactEvent, keys: list[str], claim_ids: list[UUID], at: str
+) -> Customer:
+    claims: list[IdentityClaim | None] = [uow.get(claim_id) for claim_id in claim_ids]
+    owner: str | None = None
+    unclaimed = False
+    for claim in claims:
+        if claim is None:
+            unclaimed = True
+        elif owner is None:
+            owner = claim.customer_id
     customer: Customer | None = None
     if owner is not None:
         customer = uow.get(_uuid(owner))
@@ -238,26 +273,41 @@ def _resolve_customer(uow: _UnitOfWork, event: ContactEvent, at: str) -> Custome
         while customer is not None and customer.merged_into is not None:
             customer = uow.get(_uuid(customer.merged_into))
     if customer is None:
-        customer = uow.add(Customer(identities=keys, name=event.customer.name, at=at))
+        customer = uow.add(Customer.register(keys, event.customer.name, at))
+    if unclaimed:
+        _claim_new_identities(uow, customer, event, keys, claims, at)
+    customer.learn_name(event.customer.name, at)
+    return customer
+
+
+def _claim_new_identities(
+    uow: _UnitOfWork,
+    customer: Customer,
+    event: ContactEvent,
+    keys: list[str],
+    claims: list[IdentityClaim | None],
+    at: str,
+) -> None:
+    customer_id = str(customer.id)
     known = [key for key, claim in zip(keys, claims, strict=True) if claim is not None]
+    # Linked only on an exact match of normalised identities in one contact event.
+    reason = f"came with {known[0]} in contact event {event.event_id}" if known else ""
     for key, claim in zip(keys, claims, strict=True):
         if claim is None:
-            uow.add(IdentityClaim(key=key, customer_id=str(customer.id), at=at))
-            # Linked only on an exact match of normalised identities in one contact event.
-            reason = f"came with {known[0]} in contact event {event.event_id}" if known else ""
+            uow.add(IdentityClaim.claim(key, customer_id, at))
             customer.add_identity(key, at, reason=reason or f"contact event {event.event_id}")
         # An identity that already belongs to another customer stays theirs: joining two
         # customers is an agent's decision (merge), never a guess.
-    customer.learn_name(event.customer.name, at)
-    return customer
 
 
 def _current_conversation(
     uow: _UnitOfWork, customer: Customer, event: ContactEvent, at: str
 ) -> Conversation:
-    threaded = _threaded_conversation(uow, customer, event)
-    if threaded is not None:
-        return threaded
+    thread = event.thread
+    if thread.in_reply_to or thread.ref:
+        threaded = _threaded_conversation(uow, customer, event)
+        if threaded is not None:
+            return threaded
     current_id = customer.current_conversation_id
     conversation: Conversation | None = None
     if current_id is not None:
@@ -265,7 +315,7 @@ def _current_conversation(
     if conversation is not None and not _starts_new_conversation(conversation, event):
         return conversation
     opened: Conversation = uow.add(
-        Conversation(
+        Conversation.open(
             customer_id=str(customer.id),
             channel=event.channel,
             queue=None,

@@ -53,7 +53,30 @@ class OrjsonTranscoder(Transcoder):
         return state
 
 
-_topics: dict[type, str] = {}
+# Per event class: its topic and, when above 1, its class_version (written into the state).
+_classes: dict[type, tuple[str, int]] = {}
+
+# A stored_events row: originator id (hex), version, topic, JSON state.
+EventRow = tuple[str, int, str, bytes]
+
+
+def _class_info(cls: type) -> tuple[str, int]:
+    info = _classes.get(cls)
+    if info is None:
+        info = _classes[cls] = (get_topic(cls), getattr(cls, "class_version", 1))
+    return info
+
+
+def _state(domain_event: object) -> tuple[Any, int, str, bytes]:
+    topic, class_version = _class_info(type(domain_event))
+    # An event's fields are its __dict__ (dataclass or not): copy it once, drop what the
+    # row's own columns hold.
+    state = dict(vars(domain_event))
+    originator_id = state.pop("originator_id")
+    originator_version = state.pop("originator_version")
+    if class_version > 1:
+        state["class_version"] = class_version
+    return originator_id, originator_version, topic, orjson.dumps(state)
 
 
 class OrjsonMapper(Mapper[UUID]):
@@ -64,17 +87,12 @@ class OrjsonMapper(Mapper[UUID]):
         super().__init__(OrjsonTranscoder())
 
     def to_stored_event(self, domain_event: DomainEventProtocol[UUID]) -> StoredEvent:
-        cls = type(domain_event)
-        topic = _topics.get(cls)
-        if topic is None:
-            topic = _topics[cls] = get_topic(cls)
-        state = dict(vars(domain_event))
-        originator_id = state.pop("originator_id")
-        originator_version = state.pop("originator_version")
-        class_version = getattr(cls, "class_version", 1)
-        if class_version > 1:
-            state["class_version"] = class_version
-        return StoredEvent(originator_id, originator_version, topic, orjson.dumps(state))
+        return StoredEvent(*_state(domain_event))
+
+    def to_row(self, domain_event: DomainEventProtocol[UUID]) -> EventRow:
+        """The SQLite row of an event straight away, without a StoredEvent in between."""
+        originator_id, originator_version, topic, state = _state(domain_event)
+        return originator_id.hex, originator_version, topic, state
 
 
 @dataclass(frozen=True)
@@ -133,30 +151,36 @@ class SQLiteIngestRecorder(SQLiteProcessRecorder):
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
+        rows: list[EventRow] = [
+            (s.originator_id.hex, s.originator_version, s.topic, s.state)
+            if isinstance(s.originator_id, UUID)
+            else (str(s.originator_id), s.originator_version, s.topic, s.state)
+            for s in stored_events
+        ]
+        return self._insert_rows(c, rows, **kwargs)
+
+    def insert_rows(self, rows: Sequence[EventRow], **kwargs: Any) -> Sequence[int]:
+        """`insert_events` for rows the mapper made (`OrjsonMapper.to_row`)."""
+        with self.datastore.transaction(commit=True) as c:
+            return self._insert_rows(c, rows, **kwargs)
+
+    def _insert_rows(self, c: SQLiteCursor, rows: Sequence[EventRow], **kwargs: Any) -> list[int]:
         # One executemany instead of eventsourcing's row-at-a-time inserts. Inside this write
         # transaction nobody else inserts, so the rowids (notification ids) are consecutive.
-        c.executemany(
-            self.insert_events_statement,
-            [
-                (s.originator_id.hex, s.originator_version, s.topic, s.state)
-                if isinstance(s.originator_id, UUID)
-                else (s.originator_id, s.originator_version, s.topic, s.state)
-                for s in stored_events
-            ],
-        )
+        c.executemany(self.insert_events_statement, rows)
         returning: list[int] = []
-        if stored_events:
+        if rows:
             c.execute("SELECT last_insert_rowid()")
             last = int(c.fetchone()[0])
-            returning = list(range(last - len(stored_events) + 1, last + 1))
+            returning = list(range(last - len(rows) + 1, last + 1))
         tracking: Tracking | None = kwargs.get("tracking")
         if tracking is not None:
             self._insert_tracking(c, tracking)
-        rows: Sequence[ContactEventRow] = kwargs.get("contact_events", ())
-        if rows:
+        taken_in: Sequence[ContactEventRow] = kwargs.get("contact_events", ())
+        if taken_in:
             c.executemany(
                 "INSERT INTO contact_events VALUES (?,?,?,?)",
-                [(r.event_id, r.topic, r.partition, r.offset) for r in rows],
+                [(r.event_id, r.topic, r.partition, r.offset) for r in taken_in],
             )
         return returning
 
@@ -259,7 +283,7 @@ class EventStore:
     def __init__(self, recorder: ProcessRecorder, datastore: SQLiteDatastore | PostgresDatastore):
         self.recorder = recorder
         self.datastore = datastore
-        self.mapper: Mapper[UUID] = OrjsonMapper()
+        self.mapper = OrjsonMapper()
 
     @property
     def ingest(self) -> IngestRecorder:
@@ -290,6 +314,11 @@ class EventStore:
 
         Raises eventsourcing's IntegrityError when another writer got there first (a version
         already taken, a Kafka position already recorded, a contact event already taken in)."""
+        if isinstance(self.recorder, SQLiteIngestRecorder):
+            to_row = self.mapper.to_row
+            return self.recorder.insert_rows(
+                [to_row(e) for e in events], tracking=tracking, contact_events=contact_events
+            )
         stored = [self.mapper.to_stored_event(e) for e in events]
         ids = self.recorder.insert_events(stored, tracking=tracking, contact_events=contact_events)
         return ids or []

@@ -296,6 +296,29 @@ class Conversation(DomainAggregate):
             raise ValueError("a conversation is named after the event that opened it")
         return ids.conversation_id(customer_id, source_event_id)
 
+    @classmethod
+    def open(
+        cls,
+        *,
+        customer_id: str,
+        channel: str,
+        queue: str | None,
+        previous: str | None,
+        source_event_id: str,
+        at: str,
+    ) -> Conversation:
+        """`Conversation(...)` without the metaclass's generic argument handling."""
+        return cls._create(
+            cls.Opened,
+            id=ids.conversation_id(customer_id, source_event_id),
+            customer_id=customer_id,
+            channel=channel,
+            queue=queue,
+            previous=previous,
+            source_event_id=source_event_id,
+            at=at,
+        )
+
     def __init__(
         self,
         customer_id: str,

@@ -40,6 +40,14 @@ class IdentityClaim(DomainAggregate):
     def create_id(key: str) -> UUID:
         return ids.claim_id(key)
 
+    @classmethod
+    def claim(cls, key: str, customer_id: str, at: str) -> IdentityClaim:
+        """`IdentityClaim(key=..., customer_id=..., at=...)` without the metaclass's generic
+        argument handling (the ingest worker claims about one identity per new customer)."""
+        return cls._create(
+            cls.Claimed, id=ids.claim_id(key), key=key, customer_id=customer_id, at=at
+        )
+
     def __init__(self, key: str, customer_id: str, at: str) -> None:
         self.key = key
         self.customer_id = customer_id
@@ -170,6 +178,18 @@ class Customer(DomainAggregate):
     @staticmethod
     def create_id(identities: list[str]) -> UUID:
         return ids.customer_id(identities[0])
+
+    @classmethod
+    def register(cls, identities: list[str], name: str | None, at: str) -> Customer:
+        """`Customer(identities=..., name=..., at=...)` without the metaclass's generic
+        argument handling."""
+        return cls._create(
+            cls.Registered,
+            id=ids.customer_id(identities[0]),
+            identities=identities,
+            name=name,
+            at=at,
+        )
 
     def __init__(self, identities: list[str], name: str | None, at: str) -> None:
         self.identities = list(identities)
