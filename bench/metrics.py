@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -328,6 +329,7 @@ def main() -> None:
     print(f"  + orjson encoding of that answer           {encoding:6.1f} ms")
     db.close()
     store.close()
+    shutil.rmtree(workdir, ignore_errors=True)  # ~0.5 GB of store and read models
 
 
 if __name__ == "__main__":
