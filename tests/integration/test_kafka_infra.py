@@ -127,6 +127,7 @@ def test_producer_config_follows_the_settings(settings: SettingsFactory) -> None
         "bootstrap_servers": "kafka:9092",
         "acks": "all",
         "linger_ms": 5,
+        "max_batch_size": 512 * 1024,
         "enable_idempotence": True,
     }
     assert producer_config(settings())["enable_idempotence"] is False
