@@ -53,7 +53,8 @@ def new_event(event_class: type[Any], values: dict[str, Any]) -> Any:
         names = _fields[event_class]
     except KeyError:
         names = _fields[event_class] = _plain_fields(event_class)
-    if names is None or values.keys() != names:
+    if names is None or values.keys() != names or type(values["originator_id"]) is not UUID:
+        # (DomainEvent.__post_init__ refuses an originator id that is not a UUID.)
         return event_class(**values)
     event = object.__new__(event_class)
     object.__setattr__(event, "__dict__", values)
