@@ -154,7 +154,8 @@ _CHANGED_ELSEWHERE = tuple(
 class Ingestor:
     def __init__(self, store: EventStorePort, *, cache: AggregateCache | None = None) -> None:
         self.store = store
-        self.cache = cache or AggregateCache()
+        # (An empty cache is falsy: `cache or ...` would drop the one given.)
+        self.cache = cache if cache is not None else AggregateCache()
         self._log_seen: int | None = None
 
     def _forget_changed_elsewhere(self) -> None:

@@ -12,6 +12,7 @@ import base64
 import gc
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,14 @@ class WorkerConfig:
     consumer_overrides: dict[str, Any] = field(
         # A restarted worker rejoins its group after about 1.8 x the session timeout on the
         # embedded broker (docs/kafka.md); short timeouts keep a restart quick.
-        default_factory=lambda: {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500}
+        # fetch_max_bytes: the consumer prefetches while a batch is applied; with the default
+        # 50 MiB the embedded broker sent most of a topic at once (~250 MB of records held in
+        # the worker, bench.ingest). 4 MiB is still several polls of 5,000 records ahead.
+        default_factory=lambda: {
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 500,
+            "fetch_max_bytes": 4 * 1024 * 1024,
+        }
     )
 
 
@@ -90,6 +98,9 @@ class IngestWorker:
         self.positions: dict[TopicPartition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self.ready = asyncio.Event()
+        # Batches are applied on one thread of their own (made in `run`): with asyncio's
+        # default pool each batch could land on another thread, each with its own malloc arena.
+        self._store_thread: ThreadPoolExecutor | None = None
 
     async def seek_to_stored(self, assigned: Sequence[TopicPartition]) -> None:
         consumer = self._consumer
@@ -117,6 +128,7 @@ class IngestWorker:
         self._consumer = consumer
         consumer.subscribe([config.topic], listener=_Rebalance(self))
         await producer.start()
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="ingest")
         thresholds = gc.get_threshold()
         if config.gc_threshold is not None and thresholds[0] < config.gc_threshold:
             gc.set_threshold(config.gc_threshold, *thresholds[1:])
@@ -129,6 +141,7 @@ class IngestWorker:
                     self._update_lag(consumer)
         finally:
             self._consumer = None
+            self._store_thread.shutdown(wait=False)
             gc.set_threshold(*thresholds)
             await producer.stop()
 
@@ -163,7 +176,9 @@ class IngestWorker:
             try:
                 if dead:
                     await self._dead_letter(producer, tp, dead)
-                outcome = await asyncio.to_thread(self.ingestor.apply_batch, valid, tracking)
+                outcome = await asyncio.get_running_loop().run_in_executor(
+                    self._store_thread, self.ingestor.apply_batch, valid, tracking
+                )
                 break
             except (KafkaError, PersistenceError, OSError, TimeoutError) as exc:
                 # The batch did not land: nothing of it is recorded, so try it again.
