@@ -57,9 +57,9 @@ class WorkerConfig:
     consumer_overrides: dict[str, Any] = field(
         # A restarted worker rejoins its group after about 1.8 x the session timeout on the
         # embedded broker (docs/kafka.md); short timeouts keep a restart quick.
-        # fetch_max_bytes: the consumer prefetches while a batch is applied; with the default
-        # 50 MiB the embedded broker sent most of a topic at once (~250 MB of records held in
-        # the worker, bench.ingest). 4 MiB is still several polls of 5,000 records ahead.
+        # fetch_max_bytes bounds what the consumer prefetches while a batch is applied: the
+        # embedded broker ignores max_partition_fetch_bytes (one fetch brought 14,000 records
+        # of one partition) but keeps to fetch_max_bytes (default 50 MiB).
         default_factory=lambda: {
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 500,
