@@ -195,6 +195,7 @@ def pipeline(
         "rate": total / elapsed,
         "seconds": elapsed,
         "stored_rate": total / (stored - started),
+        "projection_lag": finished - stored,
         "domain_events": float(head),
         "worker_rss_mb": rss,
     }
@@ -239,7 +240,13 @@ async def main() -> None:
         f"{result['rate'] / raw:.0%} of the raw limit)"
     )
     print(f"  of which the worker alone: all stored {result['stored_rate']:>10,.0f} events/s")
+    # When the projections (`inbox serve`, every read model in one runner) are the slower
+    # part, the pipeline figure is theirs: this shows by how much they trailed the worker.
+    print(f"  inbox view caught up after the last store {result['projection_lag']:>6.1f} s later")
     print(f"  worker peak resident memory          {result['worker_rss_mb']:>10,.0f} MB")
+    print(
+        "  load average (1, 5, 15 min) at the end: {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
+    )
 
 
 if __name__ == "__main__":
