@@ -334,24 +334,36 @@ def build_worker(parts: Parts) -> IngestWorker:
     return IngestWorker(config, parts.store)
 
 
-def build_projection_runner(parts: Parts) -> ProjectionRunner:
-    return ProjectionRunner(
-        parts.store, parts.read_models, [factory() for factory in PROJECTIONS.values()]
+# Reports are slower to build than what agents look at; a runner moves its projections in
+# step, so they get a runner (and a thread) of their own and the inbox never waits for them.
+REPORTS = frozenset({"metrics", "contacts_weekly"})
+
+
+def build_projection_runners(parts: Parts) -> list[ProjectionRunner]:
+    groups = (
+        [f() for n, f in PROJECTIONS.items() if n not in REPORTS],
+        [f() for n, f in PROJECTIONS.items() if n in REPORTS],
     )
+    return [ProjectionRunner(parts.store, parts.read_models, g) for g in groups if g]
 
 
 @contextlib.asynccontextmanager
-async def projections_in_thread(runner: ProjectionRunner) -> AsyncIterator[None]:
+async def projections_in_thread(runners: list[ProjectionRunner]) -> AsyncIterator[None]:
     stop = threading.Event()
-    thread = threading.Thread(
-        target=runner.run_forever, args=(stop,), name="projections", daemon=True
-    )
-    thread.start()
+    threads = [
+        threading.Thread(
+            target=runner.run_forever, args=(stop,), name=f"projections-{i}", daemon=True
+        )
+        for i, runner in enumerate(runners)
+    ]
+    for thread in threads:
+        thread.start()
     try:
         yield
     finally:
         stop.set()
-        await asyncio.to_thread(thread.join, 10)
+        for thread in threads:
+            await asyncio.to_thread(thread.join, 10)
 
 
 async def _start_voice(
@@ -509,7 +521,7 @@ async def run(
                     started.append(f"metrics on :{settings.metrics_port}")
             if projections:
                 await running.enter_async_context(
-                    projections_in_thread(build_projection_runner(parts))
+                    projections_in_thread(build_projection_runners(parts))
                 )
                 started.append("projections")
             if worker:
