@@ -18,6 +18,7 @@ from typing import Any
 from eventsourcing.persistence import IntegrityError
 
 from inbox.access import BUILTIN_ADMIN, Principal
+from inbox.commands import retrying
 from inbox.domain import ids
 from inbox.domain.agent import PRESENCES, Agent, AgentError, check_profile
 from inbox.domain.errors import DomainError
@@ -32,7 +33,6 @@ _QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CHANNELS = frozenset({"email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat"})
 # "messaging" is the capacity shared by the text channels an agent has no own number for
 CAPACITY_KEYS = CHANNELS | {"messaging"}
-_ATTEMPTS = 5
 
 
 class InvalidSpec(ValueError):
@@ -187,18 +187,15 @@ class Directory:
         return token
 
     def _retrying(self, agent_id: str, act: Callable[[Agent], None]) -> Agent:
-        for attempt in range(_ATTEMPTS):
+        def decide() -> Agent:
             agent = self.agent(agent_id)
             if agent is None:
                 raise LookupError(f"no agent {agent_id}")
             act(agent)
-            try:
-                self.store.save(agent)
-                return agent
-            except IntegrityError:
-                if attempt == _ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+            self.store.save(agent)
+            return agent
+
+        return retrying(decide)
 
     def change_profile(self, agent_id: str, profile: Mapping[str, Any], *, actor: str) -> Agent:
         return self._retrying(
@@ -239,18 +236,15 @@ class Directory:
 
     def define_queue(self, name: str, spec: dict[str, Any], *, actor: str) -> bool:
         """Defines or changes a queue; True when it is new."""
-        for attempt in range(_ATTEMPTS):
+
+        def decide() -> bool:
             queue = self.queue(name)
+            created = queue is None
             if queue is None:
                 queue = Queue(name=name, spec=spec, actor=actor, at=self._at())
-                created = True
             else:
                 queue.change(spec, actor=actor, at=self._at())
-                created = False
-            try:
-                self.store.save(queue)
-                return created
-            except IntegrityError:
-                if attempt == _ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+            self.store.save(queue)
+            return created
+
+        return retrying(decide)

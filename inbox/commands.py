@@ -27,6 +27,17 @@ SurveyText = Callable[[str, str, str], str | None]
 _ATTEMPTS = 5
 
 
+def retrying(decide: Callable[[], T]) -> T:
+    """Runs `decide` (load, decide, save) again when another writer changed the aggregate
+    first (IntegrityError), up to a few times; the last attempt's error goes to the caller."""
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            return decide()
+        except IntegrityError:
+            continue  # someone else changed it first: decide again on fresh state
+    return decide()
+
+
 class NotFound(LookupError):
     """No aggregate with that id (the API answers 404)."""
 
@@ -46,12 +57,7 @@ class Commands:
         self.survey_text = survey_text
 
     def _retrying(self, decide: Callable[[], T]) -> T:
-        for _ in range(_ATTEMPTS - 1):
-            try:
-                return decide()
-            except IntegrityError:
-                continue  # someone else changed it first: decide again on fresh state
-        return decide()
+        return retrying(decide)
 
     def _conversation(self, conversation_id: UUID) -> Conversation:
         conversation = self.store.get(conversation_id)
