@@ -29,6 +29,7 @@ from inbox.agents import AlreadyExists, Directory, InvalidSpec, agent_profile, q
 from inbox.commands import Commands, NotFound
 from inbox.domain.conversation import Conversation
 from inbox.domain.errors import ConversationStateError, CustomerMergeError, DomainError
+from inbox.domain.time import parse_instant
 from inbox.identity import InvalidIdentity, parse_key
 from infra.store import EventStore
 from projections import directory, inbox_view, timeline, tracking
@@ -157,10 +158,9 @@ def _in_scope(ctx: ApiContext, principal: Principal, conversation_id: UUID) -> N
 def _timestamp(text: str, what: str) -> datetime:
     """An ISO 8601 instant; one without a zone is UTC."""
     try:
-        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_instant(text)
     except ValueError:
         raise ApiError(422, "invalid", f"{what} must be an ISO 8601 timestamp") from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _uuid(text: str, what: str) -> UUID:

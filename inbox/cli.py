@@ -56,20 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _instant(text: str | None, default: datetime) -> datetime:
-    if text is None:
-        return default
-    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
 def _report(args: argparse.Namespace) -> int:
+    from inbox.domain.time import parse_instant
     from inbox.report import report
     from infra.settings import load_settings
     from projections.db import open_read_models
 
-    end = _instant(args.end, datetime.now(UTC))
-    start = _instant(args.start, end - timedelta(days=1))
+    try:
+        end = parse_instant(args.end) if args.end else datetime.now(UTC)
+        start = parse_instant(args.start) if args.start else end - timedelta(days=1)
+    except ValueError as exc:
+        print(f"inbox report: --from/--to: {exc}", file=sys.stderr)
+        return 2
     out = args.out or ("report.png" if args.format == "png" else None)
     db = open_read_models(load_settings())
     try:

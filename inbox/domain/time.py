@@ -21,3 +21,10 @@ def parse_iso(text: str) -> datetime:
 
 def system_clock() -> datetime:
     return datetime.now(UTC)
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO 8601 instant as people and programs write it (`...Z` allowed); one without a
+    zone is UTC. ValueError when it is not one."""
+    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
