@@ -513,12 +513,7 @@ async def run(
                 # nothing (the routing process decides)
                 distributor = Distributor(parts.store, build_directory(parts), decide=False)
                 tasks.append(asyncio.create_task(distributor.run(stop), name="queue mirror"))
-                if not http and settings.metrics_port is not None:
-                    # `inbox route` shows its live gauges (queues, agents, callbacks)
-                    metrics, thread = start_http_server(settings.metrics_port, settings.http_host)
-                    stack.callback(thread.join, 5)
-                    stack.callback(metrics.shutdown)
-                    started.append(f"metrics on :{settings.metrics_port}")
+
             if projections:
                 await running.enter_async_context(
                     projections_in_thread(build_projection_runners(parts))
@@ -527,12 +522,13 @@ async def run(
             if worker:
                 tasks.append(asyncio.create_task(build_worker(parts).run(stop), name="worker"))
                 started.append("ingest worker")
-                if not http and settings.metrics_port is not None and not routing:
-                    # A worker without the HTTP API still shows its counters to Prometheus.
-                    metrics, thread = start_http_server(settings.metrics_port, settings.http_host)
-                    stack.callback(thread.join, 5)
-                    stack.callback(metrics.shutdown)
-                    started.append(f"metrics on :{settings.metrics_port}")
+            if (worker or routing) and not http and settings.metrics_port is not None:
+                # Without the HTTP API, a worker's counters and routing's live gauges (queues,
+                # agents, callbacks) are shown to Prometheus on a port of their own.
+                metrics, thread = start_http_server(settings.metrics_port, settings.http_host)
+                stack.callback(thread.join, 5)
+                stack.callback(metrics.shutdown)
+                started.append(f"metrics on :{settings.metrics_port}")
             channels = (
                 build_channels(parts, menu=menu, queues=distributor)
                 if (http or smtp or delivery)
