@@ -72,6 +72,21 @@ class _AsyncHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # twilio i
         return response
 
 
+def rest_client(
+    account_sid: str, auth_token: str, api_base: str | None, *, timeout: float
+) -> tuple[Any, _AsyncHttpClient]:
+    """Twilio's REST client on an aiohttp session of ours (close it when done), pointed at
+    `api_base` when given (TWILIO_API_BASE: a local stand-in in tests). Build it inside the
+    running event loop: the session belongs to it."""
+    http = _AsyncHttpClient(timeout=timeout)
+    client = Client(account_sid, auth_token, http_client=http)
+    if api_base is not None:
+        client.api.base_url = api_base
+        # TWILIO_EDGE / TWILIO_REGION would rewrite the stand-in's host name.
+        client.edge = client.region = None
+    return client, http
+
+
 class TwilioSender:
     """Sends sms and whatsapp replies with Twilio's Messages API. Call `close()` at shutdown."""
 
@@ -102,13 +117,9 @@ class TwilioSender:
     def _rest_client(self) -> Any:
         # Built on first use: the aiohttp session belongs to the running event loop.
         if self._client is None:
-            self._http = _AsyncHttpClient(timeout=self._timeout)
-            client = Client(self._account_sid, self._auth_token, http_client=self._http)
-            if self._api_base is not None:
-                client.api.base_url = self._api_base
-                # TWILIO_EDGE / TWILIO_REGION would rewrite the stand-in's host name.
-                client.edge = client.region = None
-            self._client = client
+            self._client, self._http = rest_client(
+                self._account_sid, self._auth_token, self._api_base, timeout=self._timeout
+            )
         return self._client
 
     async def close(self) -> None:

@@ -15,10 +15,9 @@ from typing import Any, Protocol
 
 import aiohttp
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
-from twilio.rest import Client
 from twilio.twiml.voice_response import Dial, VoiceResponse
 
-from adapters.twilio_out import _AsyncHttpClient
+from adapters.twilio_out import _AsyncHttpClient, rest_client
 
 # A call's status once it will not change any more.
 TERMINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
@@ -120,12 +119,9 @@ class TwilioRestCalls:
     def _rest(self) -> Any:
         # Built on first use: the aiohttp session belongs to the running event loop.
         if self._client is None:
-            self._http = _AsyncHttpClient(timeout=self._timeout)
-            client = Client(self._account_sid, self._auth_token, http_client=self._http)
-            if self._api_base is not None:
-                client.api.base_url = self._api_base
-                client.edge = client.region = None  # they would rewrite the stand-in's host
-            self._client = client
+            self._client, self._http = rest_client(
+                self._account_sid, self._auth_token, self._api_base, timeout=self._timeout
+            )
         return self._client
 
     async def close(self) -> None:
