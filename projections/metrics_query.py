@@ -312,7 +312,7 @@ def _counters(
     tz: str,
     filters: tuple[str | None, str | None, str | None],
     service_level_seconds: float,
-) -> tuple[list[str], list[list[int] | None], int]:
+) -> tuple[list[str], list[Sequence[int] | None], int]:
     """`counters` in the query's layout, and T."""
     zone, t, k = _check(start, end, bucket, tz, service_level_seconds)
     lo, hi = _slot(start, up=False), _slot(end, up=True)
@@ -322,7 +322,7 @@ def _counters(
     first = bisect_right(edges, lo) - 1
     last = bisect_right(edges, hi - 1)
     bounds = edges[first : last + 1]
-    sums: list[list[int] | None] = [None] * (len(bounds) - 1)
+    sums: list[Sequence[int] | None] = [None] * (len(bounds) - 1)
     _read(db, parts, bounds, k, sums, filters, t)
     return _texts(bounds, parts), sums, t
 
@@ -332,7 +332,7 @@ def _read(
     parts: Sequence[_Segment],
     bounds: Sequence[int],
     k: int,
-    sums: list[list[int] | None],
+    sums: list[Sequence[int] | None],
     filters: tuple[str | None, str | None, str | None],
     service_level_seconds: int,
 ) -> None:
@@ -416,7 +416,7 @@ def _read_segment(
     hi: int,
     k: int,
     bounds: Sequence[int],
-    sums: list[list[int] | None],
+    sums: list[Sequence[int] | None],
     service_level_seconds: int,
 ) -> None:
     unit = source.unit
@@ -430,30 +430,42 @@ def _read_segment(
         f"SELECT {group}, {columns} {source.sql}{source.time}>=? AND {source.time}<?{tail}",
         (offset, per, *source.params, lo // unit, hi // unit),
     ).fetchall()
-    for number, *values in rows:
-        first_slot = max((int(number) * per - offset) * unit, lo)
-        index = bisect_right(bounds, first_slot) - 1
-        target = sums[index]
+    if not rows:
+        return
+    # The first row's bucket is found by bisecting; within one offset later buckets follow
+    # it in order, k slots apart, so the rest are found by walking forward.
+    first = int(rows[0][0])
+    shift = bisect_right(bounds, max((first * per - offset) * unit, lo)) - 1 - first
+    for row in rows:
+        at = int(row[0]) + shift
+        values = row[1:]
+        target = sums[at]
         if target is None:
-            sums[index] = values
+            sums[at] = values
         else:  # a day bucket across a change of offset: its two parts add up
-            sums[index] = [a + b for a, b in zip(target, values, strict=True)]
+            sums[at] = [a + b for a, b in zip(target, values, strict=True)]
 
 
 def _texts(bounds: Sequence[int], parts: Sequence[_Segment]) -> list[str]:
-    """Each boundary as local ISO 8601 with the offset in force at that instant (the date
-    formatted once per local day: a 90-day hourly answer has 2,161 of them)."""
-    texts = []
+    """Each boundary as local ISO 8601 with the offset in force at that instant (a 90-day
+    hourly answer has 2,161 of them: the date formatted once per local day, the time of day
+    and the offset taken from tables)."""
+    texts: list[str] = []
+    append = texts.append
     days: dict[int, str] = {}
     i = 0
+    seg = parts[0]
     for slot in bounds:
-        while not parts[i].start <= slot < parts[i].end:
+        while not seg.start <= slot < seg.end:
             i += 1
-        seg = parts[i]
-        day, minutes = divmod((slot + seg.offset) * (SLOT_SECONDS // 60), 1440)
+            seg = parts[i]
+        day, quarter = divmod(slot + seg.offset, _DAY_SLOTS)
         date = days.get(day)
         if date is None:
             date = days[day] = (_EPOCH_NAIVE + timedelta(days=day)).date().isoformat()
-        hour, minute = divmod(minutes, 60)
-        texts.append(f"{date}T{hour:02d}:{minute:02d}:00{seg.suffix}")
+        append(date + _TIMES_OF_DAY[quarter] + seg.suffix)
     return texts
+
+
+# "T13:45:00" for each quarter hour of a day
+_TIMES_OF_DAY = tuple(f"T{q // 4:02d}:{q % 4 * 15:02d}:00" for q in range(_DAY_SLOTS))
