@@ -191,6 +191,22 @@ class InboxView:
         tx.execute(
             f"CREATE INDEX IF NOT EXISTS {conv}_queue ON {conv} (queue, status, updated_at, id)"
         )
+        # An agent's scope (list_conversations with `scope`): one ordered walk per branch of
+        # "assigned to me, offered to me, unassigned in a queue I may take". Partial, so they
+        # hold only the rows a branch can match; the trailing assignee (always NULL there)
+        # makes the last one covering on SQLite.
+        tx.execute(
+            f"CREATE INDEX IF NOT EXISTS {conv}_assignee ON {conv} "
+            "(assignee, status, updated_at, id) WHERE assignee IS NOT NULL"
+        )
+        tx.execute(
+            f"CREATE INDEX IF NOT EXISTS {conv}_offered ON {conv} "
+            "(offered_to, status, updated_at, id) WHERE offered_to IS NOT NULL"
+        )
+        tx.execute(
+            f"CREATE INDEX IF NOT EXISTS {conv}_unassigned ON {conv} "
+            "(queue, status, updated_at, id, assignee) WHERE assignee IS NULL"
+        )
         tx.execute(f"CREATE INDEX IF NOT EXISTS {claims}_key ON {claims} (key)")
 
     def __init__(
@@ -858,6 +874,89 @@ def _statuses(status: str | None) -> list[str] | None:
     return wanted
 
 
+def _scope_clause(agent: str, forbidden: Sequence[str]) -> str:
+    """An agent's scope as one condition (see list_conversations)."""
+    marks = ",".join("?" * len(forbidden))
+    not_forbidden = f" AND c.queue NOT IN ({marks})" if forbidden else ""
+    return (
+        "(c.assignee=? OR c.offered_to=? OR "
+        f"(c.assignee IS NULL AND c.queue IS NOT NULL{not_forbidden}))"
+    )
+
+
+def _scope_params(agent: str, forbidden: Sequence[str]) -> list[Any]:
+    return [agent, agent, *forbidden]
+
+
+def _unassigned_queues(tx: Tx, conv_table: str) -> list[str]:
+    """The queues that hold an unassigned conversation: one index seek per queue (a skip
+    scan), not a walk over the rows."""
+    found: list[str] = []
+    while True:
+        after = " AND queue > ?" if found else " AND queue IS NOT NULL"
+        tx.execute(f"SELECT MIN(queue) FROM {conv_table} WHERE assignee IS NULL{after}", found[-1:])
+        row = tx.fetchone()
+        if row is None or row[0] is None:
+            return found
+        found.append(str(row[0]))
+
+
+def _scope_branches(
+    tx: Tx, conv_table: str, agent: str, forbidden: Sequence[str]
+) -> list[tuple[str, list[Any]]]:
+    """The scope as a union of conditions that each walk an index in recency order: assigned
+    to the agent, offered to them, and unassigned in each queue they may take. One OR'd
+    condition made the database walk every more recent row of the status (10,000 rows,
+    40 ms, when the newest rows are other agents' conversations)."""
+    branches: list[tuple[str, list[Any]]] = [
+        ("c.assignee=?", [agent]),
+        ("c.offered_to=?", [agent]),
+    ]
+    excluded = set(forbidden)
+    for queue in _unassigned_queues(tx, conv_table):
+        if queue not in excluded:
+            branches.append(("c.assignee IS NULL AND c.queue=?", [queue]))
+    return branches
+
+
+def _scoped_keys(
+    tx: Tx,
+    conv_table: str,
+    scope: tuple[str, Sequence[str]],
+    statuses: Sequence[str],
+    where: Sequence[str],
+    params: Sequence[Any],
+    wanted: int,
+) -> list[tuple[str, str]]:
+    """(updated_at, id) of the `wanted` most recent conversations in an agent's scope: the
+    first `wanted` of each status and branch (index only), merged; a conversation that two
+    branches match (offered to the agent and in their queue) counts once."""
+    pages = []
+    for condition, values in _scope_branches(tx, conv_table, *scope):
+        for status in statuses:
+            clause = " AND ".join(["c.status=?", condition, *where])
+            tx.execute(
+                f"SELECT c.updated_at, c.id FROM {conv_table} c WHERE {clause} "
+                "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?",
+                [status, *values, *params, wanted],
+            )
+            pages.append([(str(at), str(conv_id)) for at, conv_id in tx.fetchall()])
+    merged = heapq.merge(*pages, reverse=True)
+    # equal keys are the same row, and merged order puts them side by side
+    unique = (key for key, _ in itertools.groupby(merged))
+    return list(itertools.islice(unique, wanted))
+
+
+def _rows_of(tx: Tx, sql: str, keys: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
+    """The item rows of these (updated_at, id) keys, in the keys' order."""
+    if not keys:
+        return []
+    marks = ",".join("?" * len(keys))
+    tx.execute(f"{sql} WHERE c.id IN ({marks})", [conv_id for _, conv_id in keys])
+    by_id = {row[0]: row for row in tx.fetchall()}
+    return [by_id[conv_id] for _, conv_id in keys if conv_id in by_id]
+
+
 def list_conversations(
     db: ReadModelDB,
     *,
@@ -905,20 +1004,10 @@ def list_conversations(
                 return {"items": [], "next": None}
             where.append("c.owner_id=?")
             params.append(owner)
-        if scope is not None:
-            agent, forbidden = scope
-            if forbidden:
-                marks = ",".join("?" * len(forbidden))
-                where.append(
-                    "(c.assignee=? OR c.offered_to=? OR (c.assignee IS NULL AND "
-                    f"c.queue IS NOT NULL AND c.queue NOT IN ({marks})))"
-                )
-            else:
-                where.append(
-                    "(c.assignee=? OR c.offered_to=? OR "
-                    "(c.assignee IS NULL AND c.queue IS NOT NULL))"
-                )
-            params.extend([agent, agent, *forbidden])
+        if scope is not None and customer is not None:
+            # one customer's conversations are few: filter them in one statement
+            where.append(_scope_clause(*scope))
+            params.extend(_scope_params(*scope))
         if after is not None:
             where.append("(c.updated_at < ? OR (c.updated_at = ? AND c.id < ?))")
             params.extend([after[0], after[0], after[1]])
@@ -927,7 +1016,12 @@ def list_conversations(
             f"LEFT JOIN {cust_table} cu ON cu.id = c.owner_id"
         )
         order = " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
-        if statuses is None or customer is not None:
+        if scope is not None and customer is None:
+            keys = _scoped_keys(
+                tx, conv_table, scope, statuses or sorted(STATUSES), where, params, limit + 1
+            )
+            rows = _rows_of(tx, sql, keys)
+        elif statuses is None or customer is not None:
             # one customer's conversations are few: the owner index finds them all
             if statuses is not None:
                 where.append(f"c.status IN ({','.join('?' * len(statuses))})")
