@@ -53,7 +53,7 @@ from projections.db import ReadModelDB, open_read_models
 from projections.directory import list_queues
 from projections.inbox_view import get_item
 from projections.replay import PROJECTIONS
-from projections.runner import ProjectionRunner
+from projections.runner import Lead, ProjectionRunner
 from projections.tracking import ensure_state_table
 
 log = logging.getLogger(__name__)
@@ -334,27 +334,43 @@ def build_worker(parts: Parts) -> IngestWorker:
     return IngestWorker(config, parts.store)
 
 
-# Reports are slower to build than what agents look at; a runner moves its projections in
-# step, so they get a runner (and a thread) of their own and the inbox never waits for them.
+# The inbox view is what agents wait on; the other read models give way to it while it is
+# behind the log (`Lead`). Reports are the slowest to build and get a runner of their own, so
+# the timeline and escalations never move at their pace.
+LEADING = "inbox"
 REPORTS = frozenset({"metrics", "contacts_weekly"})
 
 
-def build_projection_runners(parts: Parts) -> list[ProjectionRunner]:
+@dataclass(frozen=True)
+class RunnerThread:
+    runner: ProjectionRunner
+    leads: Lead | None = None
+    follows: Lead | None = None
+
+
+def build_projection_runners(parts: Parts) -> list[RunnerThread]:
+    lead = Lead()
     groups = (
-        [f() for n, f in PROJECTIONS.items() if n not in REPORTS],
+        [f() for n, f in PROJECTIONS.items() if n == LEADING],
+        [f() for n, f in PROJECTIONS.items() if n != LEADING and n not in REPORTS],
         [f() for n, f in PROJECTIONS.items() if n in REPORTS],
     )
-    return [ProjectionRunner(parts.store, parts.read_models, g) for g in groups if g]
+    first, *rest = [ProjectionRunner(parts.store, parts.read_models, g) for g in groups]
+    return [RunnerThread(first, leads=lead), *(RunnerThread(r, follows=lead) for r in rest)]
 
 
 @contextlib.asynccontextmanager
-async def projections_in_thread(runners: list[ProjectionRunner]) -> AsyncIterator[None]:
+async def projections_in_thread(runners: list[RunnerThread]) -> AsyncIterator[None]:
     stop = threading.Event()
     threads = [
         threading.Thread(
-            target=runner.run_forever, args=(stop,), name=f"projections-{i}", daemon=True
+            target=r.runner.run_forever,
+            args=(stop,),
+            kwargs={"leads": r.leads, "follows": r.follows},
+            name=f"projections-{i}",
+            daemon=True,
         )
-        for i, runner in enumerate(runners)
+        for i, r in enumerate(runners)
     ]
     for thread in threads:
         thread.start()

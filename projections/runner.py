@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -150,6 +151,32 @@ def apply_batch(
     return new_position
 
 
+class Lead:
+    """Lets runners give way to a runner whose read models matter more (the agents' inbox):
+    they wait while it is behind the log. Threads of one process share one core (the GIL),
+    so in a burst the reports and the timeline would otherwise take two thirds of it."""
+
+    def __init__(self, max_wait: float = 2.0) -> None:
+        self._caught_up = threading.Event()
+        self._caught_up.set()
+        # A follower runs at least one batch per `max_wait`: under sustained overload it
+        # trails further but never stops.
+        self.max_wait = max_wait
+
+    def report(self, *, behind: bool) -> None:
+        if behind:
+            self._caught_up.clear()
+        else:
+            self._caught_up.set()
+
+    def give_way(self, stop: threading.Event) -> None:
+        """Waits until the leading runner has caught up, `stop` is set, or `max_wait`."""
+        deadline = time.monotonic() + self.max_wait
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self._caught_up.wait(min(left, 0.1)):
+                return
+
+
 @dataclass
 class RunnerStats:
     processed: dict[str, int] = field(default_factory=dict)
@@ -170,6 +197,8 @@ class ProjectionRunner:
             conflicts={p.name: 0 for p in self.projections},
         )
         self._ready = False
+        # Whether the last round read a full batch somewhere (the log has more after it).
+        self.behind = False
 
     def _ensure_ready(self) -> None:
         if not self._ready:
@@ -198,10 +227,12 @@ class ProjectionRunner:
         ):
             by_position.setdefault(position, []).append((projection, generation))
         done = 0
+        self.behind = False
         for position, group in by_position.items():
             notifications = read_log(self.store, position, limit)
             if not notifications:
                 continue
+            self.behind = self.behind or len(notifications) == limit
             handles = frozenset().union(*(p.handles for p, _ in group))
             with gc_paused():
                 decoded = decode(notifications, handles) if len(group) > 1 else None
@@ -244,11 +275,36 @@ class ProjectionRunner:
                     return total
 
     def run_forever(
-        self, stop: threading.Event, poll_interval: float = 0.05, limit: int = 1000
+        self,
+        stop: threading.Event,
+        poll_interval: float = 0.05,
+        limit: int = 10_000,
+        *,
+        leads: Lead | None = None,
+        follows: Lead | None = None,
     ) -> None:
-        """Polls the log until `stop` is set (for a thread of its own)."""
+        """Polls the log until `stop` is set (for a thread of its own). A batch is at most
+        `limit` notifications: when behind, large batches write each touched row once instead
+        of once per event. `leads`: this runner reports whether it is behind; `follows`: this
+        runner gives way while that lead is behind."""
+        try:
+            self._run_forever(stop, poll_interval, limit, leads, follows)
+        finally:
+            if leads is not None:
+                leads.report(behind=False)  # nobody waits on a runner that has stopped
+
+    def _run_forever(
+        self,
+        stop: threading.Event,
+        poll_interval: float,
+        limit: int,
+        leads: Lead | None,
+        follows: Lead | None,
+    ) -> None:
         backoff = poll_interval
         while not stop.is_set():
+            if follows is not None:
+                follows.give_way(stop)
             try:
                 done = self.run_once(limit)
             except DatabaseError as exc:  # e.g. "database is locked", a lost connection
@@ -256,6 +312,8 @@ class ProjectionRunner:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            if leads is not None:
+                leads.report(behind=self.behind)
             backoff = poll_interval
             if done == 0:
                 stop.wait(poll_interval)
