@@ -4,25 +4,36 @@ clients against `GET /healthz` on the same server (the HTTP floor) and the list 
 in-process, one at a time (the SQL and JSON-shaping floor).
 
     python -m bench.inbox_api [--conversations 100000] [--clients 200] [--seconds 20]
-                              [--profile]
+                              [--think 1.0] [--profile]
+
+Two kinds of load, each printed under its own heading:
+- paced (the target's load: 200 agents and supervisors working): each client waits a random
+  think time (exponential, mean `--think` seconds) between its requests, so 200 clients offer
+  about 200 / think requests a second and the latency is service time plus whatever queueing
+  that rate causes;
+- closed loop (saturation): each client sends its next request the moment the answer
+  arrives, so throughput is the server's capacity and latency is queueing behind 199 others.
 
 The inbox view is filled the fast way: contact events (one per distinct customer,
 email:cN@example.com) through `Ingestor.apply_batch` in large batches, a quarter of the
 conversations put in the "default" queue and a tenth assigned, then the inbox projection caught
 up. The app is the real one (`build_http_app`, admin token from the settings) under one uvicorn
 worker in its own process; the load generator is this process: keep-alive HTTP/1.1 connections
-on raw asyncio streams, each with one request in flight, so it costs far less CPU than the
-server it measures (the machine has two cores). Mixed queries: the default list, status=open,
-queue=default, customer=email:..., and a following page by `next` cursor; then a short run of
-the default list with an agent's token (an agent's list is scoped). With N clients each
-keeping one request in flight, mean latency = N / throughput (Little's law): at 200 clients,
-20 ms needs 10,000 answers a second from one process.
+on raw asyncio streams, each with at most one request in flight, so it costs far less CPU than
+the server it measures (the machine has two cores). Mixed queries: the default list,
+status=open, queue=default, customer=email:..., and a following page by `next` cursor; then
+the default list with agents' tokens (an agent's list is scoped), each client its own agent
+(agent-0 .. agent-N: the first 50 have conversations assigned; all see the unassigned ones of
+the "default" queue). In the closed loop, with N clients each keeping one request in flight,
+mean latency = N / throughput (Little's law): at 200 clients, 20 ms needs 10,000 answers a
+second from one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import os
@@ -115,8 +126,8 @@ def route_some(store: EventStore, db: ReadModelDB, conversations: int) -> int:
     return len(ids)
 
 
-def build(settings: Settings, conversations: int) -> str:
-    """Fills the store and the inbox view; returns an agent's token."""
+def build(settings: Settings, conversations: int, agents: int) -> list[str]:
+    """Fills the store and the inbox view; returns the tokens of `agents` agents."""
     store = open_event_store(settings)
     db = open_read_models(settings)
     try:
@@ -129,14 +140,16 @@ def build(settings: Settings, conversations: int) -> str:
         rows = route_some(store, db, conversations)
         ProjectionRunner(store, db, [InboxView()]).run_until_caught_up()
         total = time.perf_counter() - started
-        token = Directory(store, admin_token=settings.admin_token).register(
-            "bench-agent", agent_profile({"name": "Bench Agent"}), actor="admin"
-        )
+        directory = Directory(store, admin_token=settings.admin_token)
+        tokens = [
+            directory.register(f"agent-{n}", agent_profile({"name": f"Agent {n}"}), actor="admin")
+            for n in range(agents)
+        ]
         print(
             f"  setup: {rows:,} conversations ingested in {ingested:.0f} s, projected in "
             f"{projected:.0f} s, queued/assigned and caught up again: {total:.0f} s in all"
         )
-        return token
+        return tokens
     finally:
         db.close()
         store.close()
@@ -234,6 +247,7 @@ class Run:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     statuses: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    reopened: int = 0  # connections the server closed while idle, opened again
 
 
 def _request(path: str, params: dict[str, str], token: str | None, port: int) -> bytes:
@@ -242,50 +256,101 @@ def _request(path: str, params: dict[str, str], token: str | None, port: int) ->
     return f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n".encode()
 
 
-async def _client(
-    port: int,
-    next_request: Callable[[], tuple[str, bytes]],
-    measure_from: float,
-    until: float,
-    run: Run,
-) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        while (started := time.perf_counter()) < until:
-            kind, payload = next_request()
+Requests = Callable[[], tuple[str, bytes]]
+
+
+class _Connection:
+    """One keep-alive connection that, like a browser's, opens again when the server closed
+    it while idle (uvicorn closes a connection idle for 5 s; paced clients pause that long)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.opened = 0
+
+    async def ask(self, payload: bytes) -> bytes:
+        """Sends one request; returns the response head (the body is read and dropped)."""
+        for attempt in range(2):
+            if self.streams is None or self.streams[0].at_eof():
+                await self.close()
+                self.streams = await asyncio.open_connection("127.0.0.1", self.port)
+                self.opened += 1
+            reader, writer = self.streams
             writer.write(payload)
-            head = await reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial or attempt:
+                    raise
+                await self.close()  # closed by the server as we sent: once more, anew
+                continue
             length = 0
             for line in head.split(b"\r\n"):
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
             await reader.readexactly(length)
+            return head
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self.streams is not None:
+            writer = self.streams[1]
+            self.streams = None
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def _client(
+    port: int,
+    next_request: Requests,
+    measure_from: float,
+    until: float,
+    run: Run,
+    think: float | None,
+    rng: random.Random,
+) -> None:
+    connection = _Connection(port)
+    try:
+        await connection.ask(_request("/healthz", {}, None, port))  # connected before the clock
+        if think is not None:  # paced clients start spread out, not all at once
+            await asyncio.sleep(rng.uniform(0, think))
+        while (started := time.perf_counter()) < until:
+            kind, payload = next_request()
+            head = await connection.ask(payload)
             if started >= measure_from:
                 run.latencies.setdefault(kind, []).append(time.perf_counter() - started)
                 status = int(head[9:12])
                 run.statuses[status] = run.statuses.get(status, 0) + 1
+            if think is not None:
+                pause = rng.expovariate(1 / think)
+                await asyncio.sleep(min(pause, max(0.0, until - time.perf_counter())))
     finally:
-        writer.close()
-        await writer.wait_closed()
+        run.reopened += max(0, connection.opened - 1)
+        await connection.close()
 
 
 async def load(
     port: int,
-    next_request: Callable[[], tuple[str, bytes]],
+    requests: Callable[[int], Requests],
     clients: int,
     warmup: float,
     seconds: float,
+    think: float | None = None,
 ) -> Run:
-    run = Run()
+    """`clients` keep-alive connections, client i asking `requests(i)()` each time; closed
+    loop when `think` is None, else an exponential pause of mean `think` s between requests.
+    Counted: the requests sent in the `seconds` after `warmup`, per second of that window."""
+    run = Run(seconds=seconds)
     start = time.perf_counter()
     measure_from = start + warmup
+    rng = random.Random(7)
     await asyncio.gather(
         *(
-            _client(port, next_request, measure_from, measure_from + seconds, run)
-            for _ in range(clients)
+            _client(port, requests(i), measure_from, measure_from + seconds, run, think, rng)
+            for i in range(clients)
         )
     )
-    run.seconds = time.perf_counter() - measure_from
     if set(run.statuses) != {200}:
         raise Failed(f"answers other than 200: {run.statuses}")
     for samples in run.latencies.values():
@@ -306,13 +371,17 @@ def line(name: str, latencies: Sequence[float], seconds: float | None) -> str:
     )
 
 
-def report(title: str, run: Run, clients: int) -> None:
+def report(title: str, run: Run, clients: int, *, closed: bool = True) -> None:
     everything = sorted(x for samples in run.latencies.values() for x in samples)
     rate = len(everything) / run.seconds
-    print(
-        f"  {title}: {clients} clients, {run.seconds:.0f} s, {rate:,.0f} req/s "
-        f"(Little's law: mean latency {clients / rate * 1000:.1f} ms at this rate)"
+    why = (
+        f"Little's law: mean latency {clients / rate * 1000:.1f} ms at this rate"
+        if closed
+        else "the rate is what the clients asked for, not the capacity"
     )
+    print(f"  {title}: {clients} clients, {run.seconds:.0f} s, {rate:,.0f} req/s ({why})")
+    if run.reopened:
+        print(f"    ({run.reopened} connections closed by the server after 5 s idle, opened again)")
     if len(run.latencies) > 1:
         for kind in KINDS:
             if kind in run.latencies:
@@ -335,8 +404,12 @@ async def _wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
     raise Failed("the server did not start listening")
 
 
+def _load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 async def bench(
-    args: argparse.Namespace, workdir: Path, token: str, agent: str, queries: Queries
+    args: argparse.Namespace, workdir: Path, token: str, agents: list[str], queries: Queries
 ) -> None:
     port = free_port()
     profile_path = str(workdir / "server.prof") if args.profile else ""
@@ -348,28 +421,47 @@ async def bench(
         await _wait_listening(port, proc)
         health = _request("/healthz", {}, None, port)
         path = "/api/v1/conversations"
+        agent_lists = [_request(path, {"limit": "50"}, agent, port) for agent in agents]
 
-        def healthz() -> tuple[str, bytes]:
-            return "healthz", health
+        def healthz(_: int) -> Requests:
+            return lambda: ("healthz", health)
 
-        def mixed() -> tuple[str, bytes]:
-            kind = queries.pick()
-            return kind, _request(path, queries.params(kind), token, port)
+        def mixed(_: int) -> Requests:
+            def next_request() -> tuple[str, bytes]:
+                kind = queries.pick()
+                return kind, _request(path, queries.params(kind), token, port)
 
-        agent_list = _request(path, {"limit": "50"}, agent, port)
+            return next_request
 
-        def agents() -> tuple[str, bytes]:
-            return "default (agent token)", agent_list
+        def agent(i: int) -> Requests:
+            payload = agent_lists[i % len(agent_lists)]
+            return lambda: ("default (agent token)", payload)
 
-        clients, seconds = args.clients, args.seconds
+        clients, seconds, think = args.clients, args.seconds, args.think
+        print(
+            f"\n  PACED: {clients} clients working, each pausing a random think time "
+            f"(exponential, mean {think:g} s) between requests: about {clients / think:,.0f} "
+            f"req/s offered ({_load_average()})"
+        )
+        floor = await load(port, healthz, clients, 2, seconds / 2, think)
+        report("paced, raw limit: GET /healthz", floor, clients, closed=False)
+        run = await load(port, mixed, clients, 2, seconds, think)
+        report("paced, GET /api/v1/conversations, admin token, mixed", run, clients, closed=False)
+        scoped = await load(port, agent, clients, 2, seconds, think)
+        report("paced, GET /api/v1/conversations, agent tokens", scoped, clients, closed=False)
+        print(
+            f"\n  CLOSED LOOP (saturation): {clients} clients, each sending its next request "
+            f"the moment the answer arrives ({_load_average()})"
+        )
         floor = await load(port, healthz, clients, 2, seconds / 2)
-        report("raw limit: GET /healthz on the same server", floor, clients)
+        report("closed loop, raw limit: GET /healthz", floor, clients)
         run = await load(port, mixed, clients, 3, seconds)
-        report("GET /api/v1/conversations, admin token, mixed", run, clients)
-        scoped = await load(port, agents, clients, 2, seconds / 2)
-        report("GET /api/v1/conversations, agent token", scoped, clients)
+        report("closed loop, GET /api/v1/conversations, admin token, mixed", run, clients)
+        scoped = await load(port, agent, clients, 2, seconds / 2)
+        report("closed loop, GET /api/v1/conversations, agent tokens", scoped, clients)
         few = await load(port, mixed, args.few, 1, seconds / 4)
-        report("the mixed queries again (service time, little queueing)", few, args.few)
+        report("closed loop, mixed, few clients (service time)", few, args.few)
+        print(f"  ({_load_average()})")
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
@@ -392,13 +484,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--few", type=int, default=4, help="clients of the service-time run")
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--think", type=float, default=1.0, help="paced clients: mean seconds between requests"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the server's loop")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-inbox-api-"))
     token = "bench-admin-" + os.urandom(8).hex()
     settings = load_settings(_env(workdir, token))
     print(f"inbox API benchmark: {args.conversations:,} open conversations, SQLite in {workdir}")
-    agent = build(settings, args.conversations)
+    agents = build(settings, args.conversations, args.clients)
     db = open_read_models(settings)
     try:
         queries = Queries(args.conversations, cursors(db))
@@ -408,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     print("  raw limit: list_conversations called in-process, one at a time (ms)")
     for kind in KINDS:
         print(line(kind, direct[kind], None))
-    asyncio.run(bench(args, workdir, token, agent, queries))
+    asyncio.run(bench(args, workdir, token, agents, queries))
 
 
 if __name__ == "__main__":
