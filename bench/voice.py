@@ -13,6 +13,11 @@ per call than a real caller makes: Twilio asks again every 20-60 s while a calle
 "back to back" sends each call's next step as soon as the answer arrives (the saturation
 limit). Beside them, the raw limit: the same server answering a fixed TwiML without signature,
 flow or Kafka. The server runs in its own process (one uvicorn worker, as `inbox serve` does).
+
+Each run prints the client's latencies (all steps; wait loops, which publish nothing; the steps
+whose events Kafka acknowledges), the latencies measured inside the server, its CPU time per
+request and its garbage collections, and the load average at the start and the end.
+`--phases paced` makes only the target's run; `--gc` and `--linger-ms` measure those levers.
 """
 
 from __future__ import annotations
