@@ -174,19 +174,34 @@ class Ingestor:
         *,
         attempts: int = 5,
     ) -> BatchOutcome:
-        """Applies the batch and records it with its position; retries on write conflicts."""
+        """Applies one partition's batch and records it with its position."""
+        return self.apply_poll([(tracking, batch)], attempts=attempts)
+
+    def apply_poll(
+        self,
+        parts: Sequence[tuple[Tracking, Sequence[tuple[ContactEvent, ContactEventSource]]]],
+        *,
+        attempts: int = 5,
+    ) -> BatchOutcome:
+        """Applies the batches of several partitions (one Kafka poll) and records them with
+        each one's position, in one transaction: one commit instead of one per partition, and
+        pages the partitions share are written once. A part whose position another worker
+        has already recorded is left out; retries on write conflicts."""
         for attempt in range(1, attempts + 1):
-            done = self.store.position(tracking.application_name)
-            if done is not None and done >= tracking.notification_id:
+            todo = [(t, b) for t, b in parts if not self._recorded(t)]
+            if not todo:
                 return BatchOutcome(0, 0, 0, (), skipped=True)
             self._forget_changed_elsewhere()
             uow = _UnitOfWork(self.store, self.cache)
             try:
-                outcome = self._apply(uow, batch, tracking)
+                outcome = self._apply(
+                    uow, [entry for _, b in todo for entry in b], [t for t, _ in todo]
+                )
             except IntegrityError:
                 self.cache.discard_ints(list(uow.touched))
                 telemetry.WRITE_CONFLICTS.inc()
-                log.info("write conflict on %s, attempt %d", tracking.application_name, attempt)
+                names = ", ".join(t.application_name for t, _ in todo)
+                log.info("write conflict on %s, attempt %d", names, attempt)
                 continue
             except BaseException:
                 # Cached aggregates were changed in place by a batch that did not land.
@@ -197,13 +212,18 @@ class Ingestor:
                 (key, aggregate) for key, aggregate in uow.touched.items() if key not in cached
             )
             return outcome
-        raise IntegrityError(f"{tracking.application_name}: {attempts} write conflicts in a row")
+        names = ", ".join(t.application_name for t, _ in parts)
+        raise IntegrityError(f"{names}: {attempts} write conflicts in a row")
+
+    def _recorded(self, tracking: Tracking) -> bool:
+        done = self.store.position(tracking.application_name)
+        return done is not None and done >= tracking.notification_id
 
     def _apply(
         self,
         uow: _UnitOfWork,
         batch: Sequence[tuple[ContactEvent, ContactEventSource]],
-        tracking: Tracking,
+        trackings: Sequence[Tracking],
     ) -> BatchOutcome:
         seen = self.store.seen_event_ids([event.event_id for event, _ in batch])
         fresh: list[tuple[ContactEvent, list[str], list[UUID]]] = []
@@ -224,7 +244,9 @@ class Ingestor:
         for event, keys, claims in fresh:
             apply_contact_event(uow, event, keys, claims)
             uow.collect()
-        notification_ids = self.store.record(uow.events, tracking=tracking, contact_events=sources)
+        notification_ids = self.store.record(
+            uow.events, trackings=trackings, contact_events=sources
+        )
         return BatchOutcome(
             stored=len(sources),
             duplicates=len(batch) - len(sources),

@@ -37,7 +37,7 @@ class EventStorePort(Protocol):
         self,
         events: Iterable[CanMutateAggregate[UUID]],
         *,
-        tracking: Tracking | None = None,
+        trackings: Sequence[Tracking] = (),
         contact_events: Sequence[Any] = (),
     ) -> Sequence[int]: ...
 

@@ -136,8 +136,8 @@ class IngestWorker:
             async with consumer:
                 while not stop.is_set():
                     batches = await consumer.getmany(timeout_ms=200, max_records=config.max_records)
-                    for tp, records in batches.items():
-                        await self._take_in(consumer, producer, tp, records, stop)
+                    if batches:
+                        await self._take_in(consumer, producer, batches, stop)
                     self._update_lag(consumer)
         finally:
             self._consumer = None
@@ -149,65 +149,72 @@ class IngestWorker:
         self,
         consumer: AIOKafkaConsumer,
         producer: Any,
-        tp: TopicPartition,
-        records: Sequence[Any],
+        batches: dict[TopicPartition, list[Any]],
         stop: asyncio.Event,
     ) -> None:
-        start = self.positions.get(tp, 0)
-        records = [r for r in records if r.offset >= start]
-        if not records:
-            return
-        telemetry.CONSUMED.inc(len(records))
+        """Takes in one poll: every partition's records in one transaction, each partition's
+        next offset recorded with them."""
         now = self.clock()
-        valid: list[tuple[ContactEvent, ContactEventRow]] = []
-        dead: list[tuple[Any, str]] = []
-        for record in records:
-            try:
-                event = parse_contact_event(record.value, now=now)
-            except InvalidContactEvent as exc:
-                dead.append((record, str(exc)))
+        parts: list[tuple[Tracking, list[tuple[ContactEvent, ContactEventRow]]]] = []
+        dead: list[tuple[TopicPartition, Any, str]] = []
+        starts: dict[TopicPartition, int] = {}
+        ends: dict[TopicPartition, int] = {}
+        for tp, polled in batches.items():
+            start = self.positions.get(tp, 0)
+            records = [r for r in polled if r.offset >= start]
+            if not records:
                 continue
-            valid.append(
-                (event, ContactEventRow(event.event_id, tp.topic, tp.partition, record.offset))
-            )
-        end = records[-1].offset + 1
-        tracking = Tracking(position_name(tp.topic, tp.partition), end)
+            telemetry.CONSUMED.inc(len(records))
+            valid: list[tuple[ContactEvent, ContactEventRow]] = []
+            for record in records:
+                try:
+                    event = parse_contact_event(record.value, now=now)
+                except InvalidContactEvent as exc:
+                    dead.append((tp, record, str(exc)))
+                    continue
+                valid.append(
+                    (event, ContactEventRow(event.event_id, tp.topic, tp.partition, record.offset))
+                )
+            starts[tp], ends[tp] = start, records[-1].offset + 1
+            parts.append((Tracking(position_name(tp.topic, tp.partition), ends[tp]), valid))
+        if not parts:
+            return
         while not stop.is_set():
             try:
                 if dead:
-                    await self._dead_letter(producer, tp, dead)
+                    await self._dead_letter(producer, dead)
                 outcome = await asyncio.get_running_loop().run_in_executor(
-                    self._store_thread, self.ingestor.apply_batch, valid, tracking
+                    self._store_thread, self.ingestor.apply_poll, parts
                 )
                 break
             except (KafkaError, PersistenceError, OSError, TimeoutError) as exc:
-                # The batch did not land: nothing of it is recorded, so try it again.
-                log.warning(
-                    "batch %s@%d failed, retrying: %r", tracking.application_name, start, exc
-                )
+                # The poll did not land: nothing of it is recorded, so try it again.
+                names = ", ".join(t.application_name for t, _ in parts)
+                log.warning("batch of %s failed, retrying: %r", names, exc)
                 await asyncio.sleep(self.config.retry_delay)
         else:
-            # Stopping: leave the batch to whoever gets the partition next.
-            consumer.seek(tp, start)
+            # Stopping: leave the records to whoever gets the partitions next.
+            for tp, start in starts.items():
+                consumer.seek(tp, start)
             return
-        self.positions[tp] = end
+        self.positions.update(ends)
         if not outcome.skipped:
             telemetry.STORED.inc(outcome.stored)
             telemetry.DUPLICATES.inc(outcome.duplicates)
-            for _, reason in dead:
+            for _, _, reason in dead:
                 telemetry.DEAD_LETTERED.labels(telemetry.reason_label(reason)).inc()
         try:
-            await consumer.commit({tp: end})
-        except KafkaError as exc:  # only informational: the store holds the position
-            log.info("could not commit offset %d on %s: %r", end, tp, exc)
+            await consumer.commit(ends)
+        except KafkaError as exc:  # only informational: the store holds the positions
+            log.info("could not commit offsets %s: %r", ends, exc)
 
     async def _dead_letter(
-        self, producer: Any, tp: TopicPartition, dead: Sequence[tuple[Any, str]]
+        self, producer: Any, dead: Sequence[tuple[TopicPartition, Any, str]]
     ) -> None:
         """Waits for Kafka to acknowledge every dead letter before the batch is recorded. A
         crash in between may send one twice; `source` tells a reader which ones repeat."""
         futures = []
-        for record, reason in dead:
+        for tp, record, reason in dead:
             value = record.value or b""
             # The letter must fit where the record did not: keep the start of an oversized one.
             kept = value[:_DEAD_LETTER_KEEP]

@@ -173,8 +173,7 @@ class SQLiteIngestRecorder(SQLiteProcessRecorder):
             c.execute("SELECT last_insert_rowid()")
             last = int(c.fetchone()[0])
             returning = list(range(last - len(rows) + 1, last + 1))
-        tracking: Tracking | None = kwargs.get("tracking")
-        if tracking is not None:
+        for tracking in kwargs.get("trackings", ()):
             self._insert_tracking(c, tracking)
         taken_in: Sequence[ContactEventRow] = kwargs.get("contact_events", ())
         if taken_in:
@@ -235,6 +234,8 @@ class PostgresIngestRecorder(PostgresProcessRecorder):
         self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> None:
         super()._insert_events(curs, stored_events, **kwargs)
+        for tracking in kwargs.get("trackings", ()):
+            self._insert_tracking(curs, tracking)
         rows: Sequence[ContactEventRow] = kwargs.get("contact_events", ())
         if rows:
             curs.executemany(
@@ -307,20 +308,23 @@ class EventStore:
         self,
         events: Iterable[DomainEvent],
         *,
-        tracking: Tracking | None = None,
+        trackings: Sequence[Tracking] = (),
         contact_events: Sequence[ContactEventRow] = (),
     ) -> Sequence[int]:
-        """Writes events, tracking and contact-event ids in one transaction.
+        """Writes events, Kafka positions (one per partition) and contact-event ids in one
+        transaction.
 
         Raises eventsourcing's IntegrityError when another writer got there first (a version
         already taken, a Kafka position already recorded, a contact event already taken in)."""
         if isinstance(self.recorder, SQLiteIngestRecorder):
             to_row = self.mapper.to_row
             return self.recorder.insert_rows(
-                [to_row(e) for e in events], tracking=tracking, contact_events=contact_events
+                [to_row(e) for e in events], trackings=trackings, contact_events=contact_events
             )
         stored = [self.mapper.to_stored_event(e) for e in events]
-        ids = self.recorder.insert_events(stored, tracking=tracking, contact_events=contact_events)
+        ids = self.recorder.insert_events(
+            stored, trackings=trackings, contact_events=contact_events
+        )
         return ids or []
 
     def save(self, *aggregates: Aggregate) -> Sequence[int]:

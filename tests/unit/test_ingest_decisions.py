@@ -95,7 +95,7 @@ class InMemoryEventStore:
         self,
         events: Iterable[DomainEvent],
         *,
-        tracking: Tracking | None = None,
+        trackings: Sequence[Tracking] = (),
         contact_events: Sequence[Any] = (),
     ) -> Sequence[int]:
         self.record_calls += 1
@@ -115,7 +115,7 @@ class InMemoryEventStore:
                 raise IntegrityError(f"{originator} v{event.originator_version} exists")
             assert event.originator_version == current + 1, "a gap in an aggregate's versions"
             versions[originator] = event.originator_version
-        if tracking is not None:
+        for tracking in trackings:
             done = self.positions.get(tracking.application_name)
             if done is not None and done >= tracking.notification_id:
                 raise IntegrityError(f"{tracking} is not after {done}")
@@ -136,7 +136,7 @@ class InMemoryEventStore:
             )
             self.log.append(notification)
             notification_ids.append(notification.id)
-        if tracking is not None:
+        for tracking in trackings:
             self.positions[tracking.application_name] = tracking.notification_id
         for source in contact_events:
             self.contact_events[source.event_id] = source
@@ -643,6 +643,48 @@ def test_positions_are_per_partition(store: InMemoryEventStore) -> None:
     outcome = p1.ingest(contact("mail-1", channel="email", customer={"email": "a@example.com"}))
     assert not outcome.skipped
     assert store.positions == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 1}
+
+
+def test_a_poll_of_several_partitions_is_one_write_with_each_position(
+    store: InMemoryEventStore,
+) -> None:
+    p0, p1 = Worker(store, partition=0), Worker(store, partition=1)
+    sms = contact("sms-1")
+    mail = contact("mail-1", channel="email", customer={"email": "a@example.com"})
+    calls = store.record_calls
+
+    outcome = p0.ingestor.apply_poll(
+        [
+            (Tracking(f"{TOPIC}:0", 1), [(sms, Source(sms.event_id, TOPIC, 0, 0))]),
+            (Tracking(f"{TOPIC}:1", 1), [(mail, Source(mail.event_id, TOPIC, 1, 0))]),
+        ]
+    )
+
+    assert (outcome.stored, outcome.duplicates, outcome.skipped) == (2, 0, False)
+    assert store.record_calls == calls + 1
+    assert store.positions == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 1}
+    assert len(store.all_of(Customer)) == 2
+    assert p1.store.seen_event_ids(["sms-1", "mail-1"]) == {"sms-1", "mail-1"}
+
+
+def test_a_poll_leaves_out_the_partitions_another_worker_already_recorded(
+    store: InMemoryEventStore,
+) -> None:
+    other = Worker(store, partition=0)
+    sms = contact("sms-1")
+    other.ingest(sms)  # partition 0 up to offset 1, by the worker that had it before
+    mail = contact("mail-1", channel="email", customer={"email": "a@example.com"})
+
+    outcome = Ingestor(store).apply_poll(
+        [
+            (Tracking(f"{TOPIC}:0", 1), [(sms, Source(sms.event_id, TOPIC, 0, 0))]),
+            (Tracking(f"{TOPIC}:1", 1), [(mail, Source(mail.event_id, TOPIC, 1, 0))]),
+        ]
+    )
+
+    assert (outcome.stored, outcome.duplicates, outcome.skipped) == (1, 0, False)
+    assert store.positions == {f"{TOPIC}:0": 1, f"{TOPIC}:1": 1}
+    assert len(messages(store, owner_of(store, f"phone:{PHONE}").current_conversation_id)) == 1
 
 
 # --------------------------------------------------------------------------- conflicts
