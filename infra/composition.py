@@ -48,7 +48,7 @@ from ivr.dialer import CallbackDialer, directory_voice_to, queue_hours
 from ivr.flow import QueueInfo
 from ivr.menu import Menu, load_bundled_example, load_menu
 from ivr.twilio_rest import TwilioRestCalls
-from ivr.voice import voice_routes
+from ivr.voice import freeze_after_start, voice_routes
 from projections.db import ReadModelDB, open_read_models
 from projections.directory import list_queues
 from projections.inbox_view import get_item
@@ -591,6 +591,9 @@ async def run(
                 tasks.append(asyncio.create_task(service.run(stop), name="delivery"))
                 started.append("delivery")
             await asyncio.sleep(0)
+            # What lives from start to exit (modules, menus, the app) leaves the collector's
+            # sight, so a full collection does not stall every request in flight.
+            freeze_after_start()
             _banner(settings, started, say)
             await asyncio.wait(
                 [*tasks, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED

@@ -126,7 +126,7 @@ def test_producer_config_follows_the_settings(settings: SettingsFactory) -> None
     assert config == {
         "bootstrap_servers": "kafka:9092",
         "acks": "all",
-        "linger_ms": 5,
+        "linger_ms": 0,
         "max_batch_size": 512 * 1024,
         "enable_idempotence": True,
     }
