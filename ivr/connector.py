@@ -220,20 +220,7 @@ class CallConnector:
         )
 
     def _customer(self, conversation_id: str) -> CustomerRef:
-        """The caller as the conversation's customer knows them: their phone (or, failing
-        that, another identity of theirs: a contact event needs one)."""
-        conversation = self.store.get(UUID(conversation_id))
-        customer = None
-        if isinstance(conversation, Conversation):
-            customer = self.store.get(UUID(conversation.customer_id))
-        while isinstance(customer, Customer) and customer.merged_into is not None:
-            customer = self.store.get(UUID(customer.merged_into))
-        identities: list[str] = list(customer.identities) if isinstance(customer, Customer) else []
-        for key in sorted(identities, key=lambda k: not k.startswith("phone:")):
-            ref = _customer_ref(key)
-            if ref is not None:
-                return ref
-        raise LookupError(f"conversation {conversation_id}: no customer identity")
+        return conversation_customer(self.store, conversation_id)
 
     async def _publish(self, call_sid: str, answered: _Answered) -> int:
         try:
@@ -259,6 +246,23 @@ class CallConnector:
                 await asyncio.wait_for(stop.wait(), poll_interval)
 
 
+def conversation_customer(store: Any, conversation_id: str) -> CustomerRef:
+    """The customer of a conversation as a contact event names them: their phone (or, failing
+    that, another identity of theirs: a contact event needs one). LookupError when none."""
+    conversation = store.get(UUID(conversation_id))
+    customer = None
+    if isinstance(conversation, Conversation):
+        customer = store.get(UUID(conversation.customer_id))
+    while isinstance(customer, Customer) and customer.merged_into is not None:
+        customer = store.get(UUID(customer.merged_into))
+    identities: list[str] = list(customer.identities) if isinstance(customer, Customer) else []
+    for key in sorted(identities, key=lambda k: not k.startswith("phone:")):
+        ref = _customer_ref(key)
+        if ref is not None:
+            return ref
+    raise LookupError(f"conversation {conversation_id}: no customer identity")
+
+
 def _customer_ref(identity_key: str) -> CustomerRef | None:
     kind, _, value = identity_key.partition(":")
     if not value:
@@ -272,4 +276,4 @@ def _customer_ref(identity_key: str) -> CustomerRef | None:
     return CustomerRef(social=Social(network=kind, id=value))
 
 
-__all__ = ["CallConnector"]
+__all__ = ["CallConnector", "conversation_customer"]

@@ -11,6 +11,13 @@ over: answered by a person -> `Completed`; no-answer, busy, failed or a machine 
 `AttemptFailed` with the next backoff step moved into the queue's business hours, or `Failed`
 after the last attempt.
 
+A connected callback is a call in the customer's timeline like an inbound one: once the
+dialer records `Completed` it publishes `call.answered` and `call.ended` (with durations,
+`direction: "outbound"`, `callback_id`) through the contact-events publisher, event ids
+`{CallSid}:answered` / `{CallSid}:ended` as the voice webhooks build them, so a second
+publication (a retry, a restarted dialer) is taken in once. A `Completed` whose `call.ended`
+is not in the log when the dialer reads it again is published again after a restart.
+
 A `Dialing` without `Dialed` (the dialer stopped between the REST call and the record, or
 Twilio's answer was lost) is put right by asking Twilio: a call placed to the number since
 then is adopted, otherwise the call is placed again, so no callback is forgotten or doubled.
@@ -33,6 +40,8 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
+from adapters.kafka import PublishFailed
+from inbox.contact import ContactEvent, ThreadRef
 from inbox.domain.business_hours import BusinessHours
 from inbox.domain.callback import (
     DIALED,
@@ -46,6 +55,9 @@ from inbox.domain.callback import (
 from inbox.domain.errors import DomainError
 from inbox.domain.sla import SlaPolicy
 from inbox.domain.time import Clock, iso, parse_iso, system_clock
+from inbox.ports import Publisher
+from inbox.thread_tokens import conversation_token
+from ivr.connector import conversation_customer
 from ivr.twilio_rest import (
     CallStatus,
     PermanentFailure,
@@ -137,6 +149,25 @@ class _Callback:
     dialing_at: str | None = None
     call_sid: str | None = None
     sids: list[str] = field(default_factory=list)
+    requested_call_sid: str | None = None  # the call the customer asked from
+
+
+@dataclass
+class _Connected:
+    """A completed callback call whose `call.answered` / `call.ended` are to be published."""
+
+    callback: str
+    conversation_id: str
+    number: str
+    queue: str
+    requested_at: str
+    requested_call_sid: str | None
+    attempt: int
+    call_sid: str
+    agent: str
+    completed_at: str
+    status: CallStatus | None = None  # from the poll that saw it end; None: fetch it
+    not_before: float = 0.0  # clock seconds: Twilio or Kafka failed, try again then
 
 
 @dataclass(frozen=True)
@@ -181,7 +212,12 @@ class CallbackDialer:
         reconcile_after: float = 10.0,
         retry_after: float = 30.0,
         batch_size: int = 2000,
+        publisher: Publisher | None = None,
+        announce_within: timedelta = timedelta(hours=24),
     ) -> None:
+        """`publisher`: where the calls of connected callbacks go as contact events (None:
+        nowhere); `announce_within`: a Completed older than this, found unpublished on
+        reading the log, is history from before publishing existed and stays so."""
         if max_attempts < 1 or not backoff:
             raise ValueError("at least one attempt and one backoff step")
         self.store = store
@@ -199,6 +235,8 @@ class CallbackDialer:
         self.reconcile_after = reconcile_after
         self.retry_after = retry_after
         self.batch_size = batch_size
+        self.publisher = publisher
+        self.announce_within = announce_within
         self.position = 0
         self.callbacks: dict[str, _Callback] = {}  # the open ones
         self._closed: set[str] = set()
@@ -212,6 +250,7 @@ class CallbackDialer:
         self._next_poll: dict[str, float] = {}
         self._reconcile_at: dict[str, float] = {}
         self._no_voice: set[tuple[str, str]] = set()  # (callback, agent) logged once
+        self._connected: dict[str, _Connected] = {}  # call sid -> to publish
 
     # -- reading the log ---------------------------------------------------------------------
 
@@ -248,9 +287,12 @@ class CallbackDialer:
             data = s.get("data") or {}
             if s["activity"] == "callback.requested":
                 self._requested(cid, s, data)
-            elif s["activity"] == "call.answered" and data.get("call_sid") not in self._ours:
+            elif s["activity"] == "call.answered" and not _callback_call(data, self._ours):
                 # answered on another call after asking to be called back
                 self._customer_got_through(cid)
+            elif s["activity"] == "call.ended":
+                # published and taken in: nothing left to publish for that call
+                self._connected.pop(str(data.get("call_sid")), None)
 
     def _customer_got_through(self, cid: str) -> None:
         asked = self._by_conversation.pop(cid, ())
@@ -286,6 +328,7 @@ class CallbackDialer:
                 queue=s["queue"],
                 requested_at=s["requested_at"],
                 seq=next(self._seq),
+                requested_call_sid=s.get("call_sid"),
             )
             self._requests.pop(oid, None)
             # a duplicate's Requested comes before its Cancelled: the first one stays open
@@ -298,6 +341,7 @@ class CallbackDialer:
             del self.callbacks[oid]
             if short == "Completed":  # the customer's other requests are answered with it
                 self._customer_got_through(cb.conversation_id)
+                self._completed(cb, s)
             self._closed.add(oid)
             if self._open.get((cb.number, cb.queue)) == oid:
                 del self._open[(cb.number, cb.queue)]
@@ -318,6 +362,24 @@ class CallbackDialer:
             cb.status, cb.not_before = WAITING, s["retry_at"]
             cb.agent = cb.call_sid = cb.dialing_at = None
             self._next_poll.pop(oid, None)
+
+    def _completed(self, cb: _Callback, s: Mapping[str, Any]) -> None:
+        if self.publisher is None:
+            return
+        if parse_iso(s["at"]) < self.clock() - self.announce_within:
+            return
+        self._connected[s["call_sid"]] = _Connected(
+            callback=cb.id,
+            conversation_id=cb.conversation_id,
+            number=cb.number,
+            queue=cb.queue,
+            requested_at=cb.requested_at,
+            requested_call_sid=cb.requested_call_sid,
+            attempt=s["attempt"],
+            call_sid=s["call_sid"],
+            agent=s["agent"],
+            completed_at=s["at"],
+        )
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -454,7 +516,7 @@ class CallbackDialer:
                 recorded += await self._put_right(action)
             else:
                 recorded += await self._poll(action)
-        return recorded
+        return recorded + await self._announce()
 
     async def _place(self, key: str, attempt: int, number: str, voice_to: str) -> int:
         twiml = dial_twiml(voice_to, say=GREETING)
@@ -530,7 +592,11 @@ class CallbackDialer:
         key, attempt = action.callback, action.attempt
         failure = failure_status(status)
         if failure is None:
-            return self._act(key, lambda c, at: c.complete(attempt, action.call_sid, at=at))
+            done = self._act(key, lambda c, at: c.complete(attempt, action.call_sid, at=at))
+            connected = self._connected.get(action.call_sid)
+            if connected is not None:
+                connected.status = status  # no need to ask Twilio again
+            return done
         cb = self.callbacks[key]
         if key in self._got_through:
 
@@ -558,6 +624,44 @@ class CallbackDialer:
 
         return self._act(key, act)
 
+    # -- the callback's call in the customer's timeline ---------------------------------------
+
+    async def _announce(self) -> int:
+        """Publishes call.answered + call.ended of each connected callback due; a failure
+        (Twilio or Kafka) is tried again `retry_after` later."""
+        if self.publisher is None:
+            return 0
+        published = 0
+        now = self.clock().timestamp()
+        for connected in [c for c in self._connected.values() if c.not_before <= now]:
+            if connected.status is None:
+                try:
+                    connected.status = await self.calls.fetch_call(connected.call_sid)
+                except TwilioCallsError as exc:
+                    log.warning("callback call %s: cannot fetch: %s", connected.call_sid, exc)
+                    connected.not_before = now + self.retry_after
+                    continue
+            try:
+                customer = await asyncio.to_thread(
+                    conversation_customer, self.store, connected.conversation_id
+                )
+            except LookupError as exc:  # nobody to file it under: it cannot be told
+                log.warning("callback call %s: %s", connected.call_sid, exc)
+                self._connected.pop(connected.call_sid, None)
+                continue
+            answered, ended = call_events(connected, connected.status, customer, now=self.clock())
+            try:
+                # in order, under one key: the ingest sees the answer before the end
+                await self.publisher.publish(answered)
+                await self.publisher.publish(ended)
+            except PublishFailed as exc:
+                log.warning("callback call %s not published yet: %s", connected.call_sid, exc)
+                connected.not_before = now + self.retry_after
+                continue
+            self._connected.pop(connected.call_sid, None)
+            published += 1
+        return published
+
     def retry_at(self, queue: str, attempt: int) -> datetime | None:
         """After attempt `attempt` failed: its backoff step from now, moved into hours."""
         delay = self.backoff[min(attempt, len(self.backoff)) - 1]
@@ -576,6 +680,66 @@ class CallbackDialer:
                 continue  # what we recorded may allow more: look again at once
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), poll_interval)
+
+
+def _callback_call(data: Mapping[str, Any], ours: set[str]) -> bool:
+    """A call.answered of one of our callback calls (not the customer getting through)."""
+    return data.get("call_sid") in ours or bool(data.get("callback_id"))
+
+
+def call_events(
+    connected: _Connected, status: CallStatus, customer: Any, *, now: datetime
+) -> tuple[ContactEvent, ContactEvent]:
+    """`call.answered` and `call.ended` of a completed callback call, as the voice webhooks
+    report an inbound call's, marked `direction: "outbound"` with the `callback_id`.
+
+    Times from Twilio: the call ended at `end_time` (else now) and was answered `duration`
+    seconds before (Twilio's duration of a placed call runs from the answer). Talk time is
+    that whole duration: the greeting before the agent's leg is a few seconds of it."""
+    duration = max(0, round(status.duration or 0))
+    ended_at = status.ended_at or now
+    answered_at = ended_at - timedelta(seconds=duration)
+    waited = max(0.0, (answered_at - parse_iso(connected.requested_at)).total_seconds())
+    marks: dict[str, Any] = {"direction": "outbound", "callback_id": connected.callback}
+    if connected.requested_call_sid:
+        marks["requested_call_sid"] = connected.requested_call_sid
+    thread = ThreadRef(ref=conversation_token(connected.conversation_id))
+
+    def event(kind: Any, suffix: str, at: datetime, **payload: Any) -> ContactEvent:
+        return ContactEvent(
+            event_id=f"{connected.call_sid}:{suffix}",
+            occurred_at=at,
+            channel="voice",
+            type=kind,
+            customer=customer,
+            thread=thread,
+            payload={"call_sid": connected.call_sid, **payload, **marks},
+        )
+
+    answered = event(
+        "call.answered",
+        "answered",
+        answered_at,
+        queue=connected.queue,
+        agent=connected.agent,
+        # the wait of the customer who kept their place: since they asked for the callback
+        queue_seconds=round(waited, 3),
+        number=connected.number,
+        attempt=connected.attempt,
+    )
+    ended = event(
+        "call.ended",
+        "ended",
+        ended_at,
+        ended_in="agent",
+        queue=connected.queue,
+        agent=connected.agent,
+        talk_seconds=duration,
+        hold_seconds=0,  # holds by the agent are not visible to us
+        wrap_seconds=0,
+        duration_seconds=duration,
+    )
+    return answered, ended
 
 
 def _creation_order(call: CallStatus) -> tuple[float, str]:
@@ -624,4 +788,11 @@ def queue_hours(directory: Any) -> Callable[[str], BusinessHours]:
     return hours_for
 
 
-__all__ = ["CallbackDialer", "TokenBucket", "directory_voice_to", "failure_status", "queue_hours"]
+__all__ = [
+    "CallbackDialer",
+    "TokenBucket",
+    "call_events",
+    "directory_voice_to",
+    "failure_status",
+    "queue_hours",
+]

@@ -42,7 +42,9 @@ class PermanentFailure(TwilioCallsError):
 class CallStatus:
     """What Twilio says of one call. `answered_by` is `human`, `machine_start`, ... or
     `unknown` with answering-machine detection on, None without it. `sid`, `from_`, `to` and
-    `created_at` are filled in by `list_calls` (and by `fetch_call` where Twilio gives them)."""
+    `created_at` are filled in by `list_calls` (and by `fetch_call` where Twilio gives them);
+    `started_at` and `ended_at` are Twilio's `start_time` and `end_time` when it has them
+    (`duration` runs from the answer to `ended_at`)."""
 
     status: str
     answered_by: str | None = None
@@ -51,6 +53,8 @@ class CallStatus:
     from_: str | None = None
     to: str | None = None
     created_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
 
     @property
     def terminal(self) -> bool:
@@ -174,6 +178,8 @@ class TwilioRestCalls:
 def _status(call: Any) -> CallStatus:
     duration = getattr(call, "duration", None)
     created = getattr(call, "date_created", None)
+    started = getattr(call, "start_time", None)
+    ended = getattr(call, "end_time", None)
     return CallStatus(
         status=str(getattr(call, "status", "") or "unknown"),
         answered_by=getattr(call, "answered_by", None) or None,
@@ -182,6 +188,8 @@ def _status(call: Any) -> CallStatus:
         from_=getattr(call, "_from", None),  # twilio names the attribute so
         to=getattr(call, "to", None),
         created_at=created if isinstance(created, datetime) else None,
+        started_at=started if isinstance(started, datetime) else None,
+        ended_at=ended if isinstance(ended, datetime) else None,
     )
 
 

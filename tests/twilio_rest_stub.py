@@ -54,12 +54,14 @@ class StubCall:
     answered_by: str | None = None
     duration: int | None = None
     machine_detection: str | None = None
+    ended_at: datetime | None = None
     placed: bool = False  # through POST Calls.json (not `add_call`)
     fetches: int = 0
     updates: list[str] = field(default_factory=list)
 
-    def advance(self) -> None:
-        """One fetch's worth of progress."""
+    def advance(self, now: datetime) -> None:
+        """One fetch's worth of progress (`now`: the stub's clock, the end time of a call
+        that ends with this fetch)."""
         self.fetches += 1
         if self.status in ("completed", "busy", "no-answer", "failed", "canceled"):
             return
@@ -67,6 +69,7 @@ class StubCall:
             self.status = self.outcome.progress[self.fetches - 1]
             return
         self.status = self.outcome.status
+        self.ended_at = now
         if self.status == "completed":
             self.answered_by = self.outcome.answered_by
             self.duration = self.outcome.duration
@@ -74,7 +77,7 @@ class StubCall:
             self.duration = 0
 
     def json(self, account: str) -> dict[str, Any]:
-        created = format_datetime(self.created_at.astimezone(UTC), usegmt=True)
+        created = _rfc2822(self.created_at)
         return {
             "sid": self.sid,
             "account_sid": account,
@@ -85,6 +88,7 @@ class StubCall:
             "duration": None if self.duration is None else str(self.duration),
             "date_created": created,
             "start_time": created,
+            "end_time": None if self.ended_at is None else _rfc2822(self.ended_at),
             "uri": f"/2010-04-01/Accounts/{account}/Calls/{self.sid}.json",
         }
 
@@ -234,10 +238,14 @@ class TwilioRestStub:
         if call is None:
             return _error(404, 20404, "The requested resource was not found")
         if request.method == "GET":
-            call.advance()
+            call.advance(self.clock())
         elif received.form.get("Twiml"):
             call.updates.append(received.form["Twiml"])
         return JSONResponse(call.json(self.account_sid))
+
+
+def _rfc2822(at: datetime) -> str:
+    return format_datetime(at.astimezone(UTC), usegmt=True)
 
 
 def _error(status: int, code: int, message: str) -> Response:
