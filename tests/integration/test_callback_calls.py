@@ -11,16 +11,18 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from eventsourcing.persistence import Tracking
 
 from adapters.kafka import KafkaPublisher
 from inbox.commands import Commands
-from inbox.contact import ContactEvent, CustomerRef, ThreadRef
+from inbox.contact import ContactEvent, CustomerRef, ThreadRef, validate
 from inbox.domain import ids
 from inbox.domain.business_hours import BusinessHours
 from inbox.domain.callback import callback_id
 from inbox.domain.conversation import Conversation
 from inbox.domain.time import iso
-from infra.store import EventStore, open_event_store
+from inbox.ingest import Ingestor
+from infra.store import ContactEventRow, EventStore, open_event_store
 from ivr.dialer import CallbackDialer
 from ivr.twilio_rest import TwilioRestCalls
 from projections.db import ReadModelDB, open_read_models
@@ -254,3 +256,54 @@ async def test_a_connected_callback_is_answered_and_ended_in_the_timeline_once(
             assert call_entries(db, store, cid)[:4] == entries
     finally:
         await publisher.close()
+
+
+class InMemoryPublisher:
+    def __init__(self) -> None:
+        self.events: list[ContactEvent] = []
+
+    async def publish(self, event: ContactEvent) -> None:
+        self.events.append(event)
+
+
+async def test_a_machine_publishes_nothing_and_a_restart_publishes_what_was_not_stored(
+    store: EventStore, clock: FakeClock, stub: TwilioRestStub, calls: TwilioRestCalls
+) -> None:
+    stub.script(ALICE, Outcome("completed", answered_by="machine_start"), Outcome(duration=42))
+    ingestor = Ingestor(store)
+    for n, event in enumerate(
+        (
+            voice(f"{INBOUND_SID}:started", "call.started", T0, to="+18005550100"),
+            voice(f"{INBOUND_SID}:callback", "callback.requested", T0, queue="q", number=ALICE),
+        )
+    ):
+        row = ContactEventRow(event.event_id, "contact-events", 0, n)
+        ingestor.apply_batch([(validate(event, now=T0), row)], Tracking("contact-events:0", n + 1))
+    conversation = conversation_of(store)
+    Commands(store, clock=clock).assign(conversation.id, "ann", actor="ann", claim=True)
+    publisher = InMemoryPublisher()
+
+    def dialer(publisher: InMemoryPublisher) -> CallbackDialer:
+        return CallbackDialer(
+            store,
+            calls=calls,
+            caller_id=CALLER_ID,
+            agent_voice_to={"ann": "client:ann"}.get,
+            hours_for=lambda queue: BusinessHours.always(),
+            clock=clock,
+            backoff=(60,),
+            publisher=publisher,
+        )
+
+    first = dialer(publisher)
+    await first.step()
+    await first.step()  # a machine: AttemptFailed, retried later, nothing published
+    assert publisher.events == []
+    clock.advance(61)
+    await first.step()
+    await first.step()  # a person: Completed and published
+    assert [e.type for e in publisher.events] == ["call.answered", "call.ended"]
+    # those were never stored (Kafka lost them, say): a restarted dialer publishes them again
+    again = InMemoryPublisher()
+    await dialer(again).step()
+    assert again.events == publisher.events
