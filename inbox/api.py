@@ -114,18 +114,30 @@ def _directory(request: Request) -> Directory:
     return found
 
 
-async def _authenticate(request: Request, permission: str) -> Principal:
-    """Who calls (401 when nobody we know) and whether their role may do this (403)."""
+def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "unauthenticated", "send Authorization: Bearer TOKEN")
-    principal: Principal | None = await _off_loop(_directory(request).authenticate, token)
+    return token
+
+
+def _allowed(principal: Principal | None, permission: str) -> Principal:
+    """401 when nobody we know, 403 when their role may not do this."""
     if principal is None:
         raise ApiError(401, "unauthenticated", "unknown token")
     if not principal.may(permission):
         raise ApiError(403, "forbidden", f"a {principal.role} may not do this")
     return principal
+
+
+async def _authenticate(request: Request, permission: str) -> Principal:
+    """Who calls and whether their role may do this. The admin token is checked here; an
+    agent's is looked up in the event store, in a worker thread."""
+    token = _bearer(request)
+    directory = _directory(request)
+    principal = directory.builtin(token) or await _off_loop(directory.authenticate, token)
+    return _allowed(principal, permission)
 
 
 def _forbidden_queues(ctx: ApiContext, principal: Principal) -> list[str]:
@@ -211,20 +223,32 @@ def _list_filters(params: Mapping[str, str]) -> dict[str, Any]:
     return filters
 
 
-async def list_conversations(request: Request) -> Response:
-    principal = await _authenticate(request, "conversations.read")
-    filters = _list_filters(request.query_params)
-    ctx = _context(request)
+def _inbox_page(
+    ctx: ApiContext, token: str, principal: Principal | None, params: Mapping[str, str]
+) -> dict[str, Any]:
+    """The caller's inbox page, all in one worker thread: each hop between the event loop
+    and a thread costs about half a millisecond of a loaded process, as much as the query."""
+    assert ctx.directory is not None
+    if principal is None:
+        principal = ctx.directory.authenticate(token)
+    principal = _allowed(principal, "conversations.read")
+    filters = _list_filters(params)
     if filters.get("assignee") == "me":
         filters["assignee"] = principal.agent_id
     if not principal.sees_everything:
-        forbidden = await _off_loop(_forbidden_queues, ctx, principal)
-        filters["scope"] = (principal.agent_id, forbidden)
+        filters["scope"] = (principal.agent_id, _forbidden_queues(ctx, principal))
     try:
-        page = await _off_loop(inbox_view.list_conversations, ctx.read_models, **filters)
+        page: dict[str, Any] = inbox_view.list_conversations(ctx.read_models, **filters)
     except ValueError as exc:  # a cursor that is not one of ours
         raise ApiError(422, "invalid", str(exc)) from None
-    return JSONResponse(page)
+    return page
+
+
+async def list_conversations(request: Request) -> Response:
+    token = _bearer(request)
+    principal = _directory(request).builtin(token)
+    ctx = _context(request)
+    return JSONResponse(await _off_loop(_inbox_page, ctx, token, principal, request.query_params))
 
 
 async def get_conversation(request: Request) -> Response:
