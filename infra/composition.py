@@ -389,7 +389,8 @@ async def _start_voice(
     publisher: KafkaPublisher | None,
 ) -> list[asyncio.Task[Any]]:
     """The callback dialer and the call connector (Twilio's REST API); one of each, in the
-    routing process. The connector publishes `call.answered`, so it needs Kafka."""
+    routing process. Both publish the calls they put through (`call.answered`, and the
+    dialer `call.ended` of a callback), so they need Kafka."""
     settings = parts.settings
     assert settings.twilio_account_sid
     assert settings.twilio_auth_token
@@ -407,6 +408,7 @@ async def _start_voice(
             caller_id=settings.twilio_caller_id,
             agent_voice_to=voice_to,
             hours_for=queue_hours(directory),
+            publisher=publisher,
         )
         tasks.append(asyncio.create_task(dialer.run(stop), name="dialer"))
     else:

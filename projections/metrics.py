@@ -766,6 +766,10 @@ class _Batch:
         self, conv: dict[str, Any], call: dict[str, Any], data: dict[str, Any], at: int, queue: str
     ) -> None:
         agent = str(data.get("agent") or NONE)
+        # A callback's own call is not a second queue outcome: the call it answers already
+        # counted as "callback requested". Its talk time still counts (AHT, utilisation).
+        if data.get("direction") == "outbound" or data.get("callback_id"):
+            call["o"] = "callback"
         if call["o"] is None:
             call["o"] = "answered"
             if isinstance(data.get("queue_seconds"), int | float):

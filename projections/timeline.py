@@ -72,7 +72,8 @@ def entry_for(event_name: str, state: dict[str, Any]) -> tuple[str, str | None, 
         data = {**payload, **data}
         prefix = activity.partition(".")[0]
         if prefix == "call":
-            return "call", "in", data
+            # a callback's call is ours, placed by the dialer
+            return "call", "out" if payload.get("direction") == "outbound" else "in", data
         if prefix == "ivr":
             return "ivr", "in", data
         if prefix == "callback":

@@ -436,6 +436,36 @@ def test_empty_range_and_no_model_yet(day: Day) -> None:
     assert total["agent_utilization"] is None
 
 
+def test_a_callbacks_own_call_counts_in_handle_time_not_as_a_second_answer(day: Day) -> None:
+    def at(minutes: int) -> str:
+        return iso(datetime(2026, 3, 2, 9, tzinfo=UTC) + timedelta(minutes=minutes))
+
+    conv = day.open("caller", "voice", at(0))
+    day.activity(conv, "call.started", at(0), call_sid="CA1")
+    day.activity(conv, "call.queued", at(1), call_sid="CA1", queue="support")
+    day.activity(conv, "callback.requested", at(2), call_sid="CA1", queue="support", number="+1")
+    day.activity(conv, "call.abandoned", at(2), call_sid="CA1", queue="support")
+    leg = {"direction": "outbound", "callback_id": "cb-1", "requested_call_sid": "CA1"}
+    day.activity(
+        conv, "call.answered", at(11), call_sid="CB1", queue="support", agent="ann",
+        queue_seconds=540, **leg,
+    )  # fmt: skip
+    day.activity(
+        conv, "call.ended", at(13), call_sid="CB1", queue="support", agent="ann",
+        talk_seconds=95, hold_seconds=0, wrap_seconds=0, ended_in="agent", **leg,
+    )  # fmt: skip
+    day.save(conv)
+    run(day)
+
+    start = datetime(2026, 3, 2, tzinfo=UTC)
+    total = metrics(day.db, start=start, end=start + timedelta(days=1), bucket="day")["total"]
+
+    assert total["asa"] is None  # no call was answered from the queue
+    assert total["abandonment_rate"] == 0.0  # asking for a callback is not an abandon
+    assert total["service_level"] == 0.0  # the one queued call ended in a callback request
+    assert total["aht"] == 95.0
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

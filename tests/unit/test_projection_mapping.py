@@ -20,6 +20,12 @@ from projections.timeline import entry_for
         ("ReplyQueued", {"channel": "sms", "text": "ok", "actor": "a"}, "message", "out"),
         ("ActivityRecorded", {"activity": "call.started", "data": {}}, "call", "in"),
         ("ActivityRecorded", {"activity": "call.abandoned", "data": {}}, "call", "in"),
+        (
+            "ActivityRecorded",
+            {"activity": "call.answered", "data": {"direction": "outbound", "callback_id": "c"}},
+            "call",
+            "out",
+        ),
         ("ActivityRecorded", {"activity": "ivr.selected", "data": {}}, "ivr", "in"),
         ("ActivityRecorded", {"activity": "callback.requested", "data": {}}, "callback", "in"),
         ("ActivityRecorded", {"activity": "chat.started", "data": {}}, "status", None),
