@@ -890,15 +890,15 @@ def _scope_params(agent: str, forbidden: Sequence[str]) -> list[Any]:
 
 def _unassigned_queues(tx: Tx, conv_table: str) -> list[str]:
     """The queues that hold an unassigned conversation: one index seek per queue (a skip
-    scan), not a walk over the rows."""
-    found: list[str] = []
-    while True:
-        after = " AND queue > ?" if found else " AND queue IS NOT NULL"
-        tx.execute(f"SELECT MIN(queue) FROM {conv_table} WHERE assignee IS NULL{after}", found[-1:])
-        row = tx.fetchone()
-        if row is None or row[0] is None:
-            return found
-        found.append(str(row[0]))
+    scan in one statement), not a walk over the rows."""
+    tx.execute(
+        "WITH RECURSIVE q(name) AS ("
+        f"SELECT MIN(queue) FROM {conv_table} WHERE assignee IS NULL AND queue IS NOT NULL "
+        "UNION ALL SELECT (SELECT MIN(queue) FROM "
+        f"{conv_table} WHERE assignee IS NULL AND queue > q.name) FROM q "
+        "WHERE q.name IS NOT NULL) SELECT name FROM q WHERE name IS NOT NULL"
+    )
+    return [str(row[0]) for row in tx.fetchall()]
 
 
 def _scope_branches(
@@ -919,42 +919,37 @@ def _scope_branches(
     return branches
 
 
-def _scoped_keys(
+def _scoped_rows(
     tx: Tx,
+    sql: str,
     conv_table: str,
     scope: tuple[str, Sequence[str]],
     statuses: Sequence[str],
     where: Sequence[str],
     params: Sequence[Any],
     wanted: int,
-) -> list[tuple[str, str]]:
-    """(updated_at, id) of the `wanted` most recent conversations in an agent's scope: the
-    first `wanted` of each status and branch (index only), merged; a conversation that two
-    branches match (offered to the agent and in their queue) counts once."""
-    pages = []
-    for condition, values in _scope_branches(tx, conv_table, *scope):
+) -> list[tuple[Any, ...]]:
+    """The `wanted` most recent item rows in an agent's scope: the first `wanted` of each
+    status and branch (index only), then their rows in recency order, all in one statement.
+    One statement, not one per branch: under load each call into SQLite (each row fetched)
+    gives up the GIL and can wait milliseconds to get it back. `IN` counts a conversation
+    that two branches match (offered to the agent and in their queue) once."""
+    parts: list[str] = []
+    values: list[Any] = []
+    for condition, branch_values in _scope_branches(tx, conv_table, *scope):
         for status in statuses:
             clause = " AND ".join(["c.status=?", condition, *where])
-            tx.execute(
-                f"SELECT c.updated_at, c.id FROM {conv_table} c WHERE {clause} "
-                "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?",
-                [status, *values, *params, wanted],
+            parts.append(
+                f"SELECT id FROM (SELECT c.id FROM {conv_table} c WHERE {clause} "
+                f"ORDER BY c.updated_at DESC, c.id DESC LIMIT ?) b{len(parts)}"
             )
-            pages.append([(str(at), str(conv_id)) for at, conv_id in tx.fetchall()])
-    merged = heapq.merge(*pages, reverse=True)
-    # equal keys are the same row, and merged order puts them side by side
-    unique = (key for key, _ in itertools.groupby(merged))
-    return list(itertools.islice(unique, wanted))
-
-
-def _rows_of(tx: Tx, sql: str, keys: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
-    """The item rows of these (updated_at, id) keys, in the keys' order."""
-    if not keys:
-        return []
-    marks = ",".join("?" * len(keys))
-    tx.execute(f"{sql} WHERE c.id IN ({marks})", [conv_id for _, conv_id in keys])
-    by_id = {row[0]: row for row in tx.fetchall()}
-    return [by_id[conv_id] for _, conv_id in keys if conv_id in by_id]
+            values.extend([status, *branch_values, *params, wanted])
+    tx.execute(
+        f"{sql} WHERE c.id IN ({' UNION ALL '.join(parts)}) "
+        "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?",
+        [*values, wanted],
+    )
+    return tx.fetchall()
 
 
 def list_conversations(
@@ -1017,10 +1012,8 @@ def list_conversations(
         )
         order = " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
         if scope is not None and customer is None:
-            keys = _scoped_keys(
-                tx, conv_table, scope, statuses or sorted(STATUSES), where, params, limit + 1
-            )
-            rows = _rows_of(tx, sql, keys)
+            every = statuses or sorted(STATUSES)
+            rows = _scoped_rows(tx, sql, conv_table, scope, every, where, params, limit + 1)
         elif statuses is None or customer is not None:
             # one customer's conversations are few: the owner index finds them all
             if statuses is not None:
