@@ -38,6 +38,11 @@ bench: $(STAMP_TEST)
 	$(BIN)/python -m bench.replay
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.smtp
+	$(BIN)/python -m bench.routing
+	$(BIN)/python -m bench.inbox_api
+	$(BIN)/python -m bench.stream
+	$(BIN)/python -m bench.voice
+	$(BIN)/python -m bench.metrics
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .coverage
