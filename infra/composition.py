@@ -431,7 +431,13 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def _serve_http(app: Starlette, settings: Settings, stop: asyncio.Event) -> None:
     config = uvicorn.Config(
-        app, host=settings.http_host, port=settings.http_port, log_level="warning", lifespan="on"
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        lifespan="on",
+        # agents' screens ask again every few seconds: keep their connections (uvicorn: 5 s)
+        timeout_keep_alive=60,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve())
