@@ -41,6 +41,7 @@ from projections.metrics import (
     SLOTS_PER_HOUR,
     US,
 )
+from projections.runner import gc_paused
 from projections.tracking import STATE_TABLE, active_generation
 
 Bucket = Literal["15m", "hour", "day"]
@@ -271,16 +272,19 @@ def metrics(
     """`{"buckets": [{"start", "end", "kpis"}, ...], "total": kpis}` for [start, end) widened
     to whole buckets; `start`/`end` of a bucket are ISO 8601 with the zone's offset. Raises
     QueryError (an HTTP 400) for a bad bucket, zone, range or service-level T."""
-    texts, sums, _ = _counters(
-        db, start, end, bucket, tz, (channel, queue, agent), service_level_seconds
-    )
-    buckets = [
-        {"start": texts[i], "end": texts[i + 1], "kpis": _kpis(_ZERO if row is None else row)}
-        for i, row in enumerate(sums)
-    ]
-    filled = [row for row in sums if row is not None]
-    total = [sum(column) for column in zip(*filled, strict=True)] if filled else _ZERO
-    return {"buckets": buckets, "total": _kpis(total)}
+    # A long answer is ~100,000 acyclic rows and dicts: with the cycle collector on, they are
+    # walked again and again as they age (90 days by hour: p99 58-60 -> 29-36 ms without).
+    with gc_paused():
+        texts, sums, _ = _counters(
+            db, start, end, bucket, tz, (channel, queue, agent), service_level_seconds
+        )
+        buckets = [
+            {"start": texts[i], "end": texts[i + 1], "kpis": _kpis(_ZERO if row is None else row)}
+            for i, row in enumerate(sums)
+        ]
+        filled = [row for row in sums if row is not None]
+        total = [sum(column) for column in zip(*filled, strict=True)] if filled else _ZERO
+        return {"buckets": buckets, "total": _kpis(total)}
 
 
 def counters(
