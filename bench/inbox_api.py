@@ -219,9 +219,11 @@ def serve(port: int, workdir: str, token: str, profile_path: str) -> None:
     import uvicorn
 
     from infra.composition import build_http_app, build_parts
+    from ivr.voice import freeze_after_start
 
     parts = build_parts(load_settings(_env(Path(workdir), token)))
     app = build_http_app(parts)
+    freeze_after_start()  # as `inbox serve` does once it has started
     profiler = cProfile.Profile() if profile_path else None
     if profiler is not None:
         # The event loop's thread only: the queries run in worker threads (timed in-process).
