@@ -18,7 +18,7 @@ import binascii
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -30,6 +30,19 @@ from infra.broker import free_port
 from tests.support import serving
 
 _API = "/2010-04-01/Accounts/{account}"
+
+
+class FakeClock:
+    """The time for the code under test and the stand-in alike, moved by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)

@@ -31,24 +31,13 @@ from projections.runner import ProjectionRunner
 from projections.timeline import Timeline, get_conversation
 from tests.conftest import SettingsFactory, TopicFactory
 from tests.support import make_topics, running_worker, wait_until, worker_config
-from tests.twilio_rest_stub import Outcome, TwilioRestStub, running_stub
+from tests.twilio_rest_stub import FakeClock, Outcome, TwilioRestStub, running_stub
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 ACCOUNT, TOKEN = "AC" + "3" * 32, "callback-calls-token"
 CALLER_ID = "+15005550006"
 ALICE = "+14155550101"
 INBOUND_SID = "CA" + "a" * 32
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 class RecordingPublisher(KafkaPublisher):
@@ -78,7 +67,7 @@ def voice(event_id: str, type: str, at: datetime, **payload: Any) -> ContactEven
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

@@ -25,24 +25,13 @@ from infra.store import ContactEventRow, EventStore, open_event_store
 from ivr.connector import CallConnector
 from ivr.twilio_rest import TwilioRestCalls
 from tests.conftest import SettingsFactory, TopicFactory
-from tests.twilio_rest_stub import StubCall, TwilioRestStub, running_stub
+from tests.twilio_rest_stub import FakeClock, StubCall, TwilioRestStub, running_stub
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 ACCOUNT, TOKEN = "AC" + "2" * 32, "connector-token"
 ALICE, BOB = "+14155550101", "+14155550102"
 OUR_NUMBER = "+18005550100"
 VOICE_TO = {"ann": "client:ann", "bob": "+14155550999"}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 class Center:
@@ -98,7 +87,7 @@ class InMemoryPublisher:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

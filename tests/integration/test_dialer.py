@@ -30,7 +30,7 @@ from infra.store import ContactEventRow, EventStore, open_event_store
 from ivr.dialer import CallbackDialer
 from ivr.twilio_rest import CallStatus, TwilioRestCalls
 from tests.conftest import SettingsFactory
-from tests.twilio_rest_stub import Outcome, TwilioRestStub, running_stub
+from tests.twilio_rest_stub import FakeClock, Outcome, TwilioRestStub, running_stub
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)  # a Monday
 ACCOUNT, TOKEN = "AC" + "1" * 32, "secret-token"
@@ -40,17 +40,6 @@ VOICE_TO = {"ann": "client:ann", "bob": "+14155550999", "cy": "sip:cy@pbx.exampl
 OFFICE = BusinessHours(
     "UTC", {day: ((time(9), time(17)),) for day in range(5)}
 )  # Monday to Friday, 09:00-17:00
-
-
-class FakeClock:
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @dataclass
@@ -116,7 +105,7 @@ class Center:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture
