@@ -27,7 +27,7 @@ from projections.base import Projection
 from projections.db import ReadModelDB, Tx, open_read_models
 from projections.inbox_view import InboxView, QueryError, get_customer, list_conversations
 from projections.replay import PROJECTIONS, rebuild
-from projections.runner import ProjectionRunner
+from projections.runner import Lead, ProjectionRunner
 from projections.timeline import Timeline, get_conversation
 from projections.tracking import active_generation, generations
 from tests.conftest import SettingsFactory
@@ -644,6 +644,49 @@ def test_concurrent_runners_in_threads_match_a_single_replay(world: World) -> No
     live = rows(world.db, active_tables(world.db, InboxView()))
     rebuild(world.store, world.db, "inbox", from_start=True)
     assert rows(world.db, active_tables(world.db, InboxView())) == live
+
+
+def test_read_models_give_way_while_the_leading_one_is_behind(world: World) -> None:
+    busy_history(world, customers=10)
+    total = len(world.store.notifications(0, 100_000))  # PostgreSQL's ids may have gaps
+    lead, stop = Lead(max_wait=60), threading.Event()
+    inbox = ProjectionRunner(world.store, world.db, [InboxView()])
+    timeline = ProjectionRunner(world.store, world.db, [Timeline()])
+    lead.report(behind=True)  # as the inbox runner says after a full batch
+    follower = threading.Thread(
+        target=timeline.run_forever, args=(stop,), kwargs={"follows": lead, "poll_interval": 0.01}
+    )
+    follower.start()
+    try:
+        stop.wait(0.3)
+        assert timeline.stats.processed["timeline"] == 0  # it waited for the lead
+
+        leader = threading.Thread(
+            target=inbox.run_forever,
+            args=(stop,),
+            kwargs={"leads": lead, "limit": 5, "poll_interval": 0.01},
+        )
+        leader.start()
+        for _ in range(400):
+            if timeline.stats.processed["timeline"] >= total:
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        follower.join(30)
+    leader.join(30)
+    # The lead went through in full batches first; once it caught up the follower ran.
+    assert inbox.stats.processed["inbox"] == timeline.stats.processed["timeline"] == total
+
+
+def test_a_full_batch_means_the_runner_is_behind(world: World) -> None:
+    busy_history(world, customers=3)
+    runner = world.runner()
+    runner.run_once(limit=2)
+    assert runner.behind
+    runner.run_until_caught_up()
+    runner.run_once(limit=2)
+    assert not runner.behind
 
 
 def test_read_model_db_translates_placeholders(world: World) -> None:
