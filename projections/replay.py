@@ -8,6 +8,7 @@ transaction: N inactive, N+1 active, conditional on N+1's position) and drops N'
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from projections.directory import DirectoryView, list_queues
 from projections.escalations import Escalations
 from projections.inbox_view import InboxView
 from projections.metrics import Metrics
-from projections.runner import LogSource, ProjectionRunner, apply_batch, read_log
+from projections.runner import LogSource, ProjectionRunner, apply_batch, gc_paused, read_log
 from projections.timeline import Timeline
 from projections.tracking import (
     STATE_TABLE,
@@ -37,6 +38,8 @@ from projections.tracking import (
     new_generation,
     now,
 )
+
+COLLECT_EVERY = 200_000  # events between full collections in a rebuild
 
 PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "inbox": InboxView,
@@ -111,24 +114,33 @@ def rebuild(
         target = new_generation(db, proj, active=False)
     generation, position = target.generation, target.position
     replayed = 0
-    while True:
-        notifications = read_log(store, position, batch_size)
-        if notifications:
-            try:
-                position = apply_batch(
-                    db, proj, generation, position, notifications, require_active=False
-                )
-            except PositionConflict:
-                position = _position(db, name, generation)
-                continue
-            replayed += len(notifications)
-        if progress is not None:
-            progress(position, max(position, store.max_notification_id()))
-        if len(notifications) < batch_size:
-            swapped, previous = _swap(db, proj, generation, position)
-            if swapped:
-                break
-            position = _position(db, name, generation)  # moved by another writer: go on
+    collected = 0
+    # The cycle collector stays off for the whole rebuild, but for a full collection every
+    # COLLECT_EVERY events: turned on between batches it walked everything each batch left
+    # behind (metrics, 1 M events: 34.2 -> 27.9 s of CPU with it off), and fully off the
+    # cyclic garbage of 1 M events (drivers, decoders) held ~260 MB until the end.
+    with gc_paused():
+        while True:
+            notifications = read_log(store, position, batch_size)
+            if notifications:
+                try:
+                    position = apply_batch(
+                        db, proj, generation, position, notifications, require_active=False
+                    )
+                except PositionConflict:
+                    position = _position(db, name, generation)
+                    continue
+                replayed += len(notifications)
+                if replayed - collected >= COLLECT_EVERY:
+                    gc.collect()
+                    collected = replayed
+            if progress is not None:
+                progress(position, max(position, store.max_notification_id()))
+            if len(notifications) < batch_size:
+                swapped, previous = _swap(db, proj, generation, position)
+                if swapped:
+                    break
+                position = _position(db, name, generation)  # moved by another writer: go on
     if previous is not None:
         drop_generation(db, proj, previous)
     return ReplayResult(
