@@ -236,7 +236,9 @@ def _check_payload(event_type: str, payload: dict[str, Any]) -> None:
             raise InvalidContactEvent("payload.score must be an integer from 1 to 5")
     elif event_type == "delivery.status":
         _require(payload, "message_id", str)
-        if payload.get("status") not in DELIVERY_STATUSES:
+        status = payload.get("status")
+        # (a list or an object is unhashable: `in` a frozenset would raise TypeError)
+        if not isinstance(status, str) or status not in DELIVERY_STATUSES:
             raise InvalidContactEvent(
                 f"payload.status must be one of {', '.join(sorted(DELIVERY_STATUSES))}"
             )

@@ -495,6 +495,12 @@ INVALID: list[tuple[str, str, Mutation, str]] = [
         "payload.status must be one of delivered, failed, read, sent",
     ),
     (
+        "delivery-status-a-list",  # unhashable: found by the fuzz test below
+        "delivery.status",
+        _set("payload.status", []),
+        "payload.status must be one of",
+    ),
+    (
         "delivery-no-status",
         "delivery.status",
         _drop("payload.status"),
