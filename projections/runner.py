@@ -17,6 +17,7 @@ import gc
 import logging
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,28 +154,35 @@ def apply_batch(
 
 class Lead:
     """Lets runners give way to a runner whose read models matter more (the agents' inbox):
-    they wait while it is behind the log. Threads of one process share one core (the GIL),
-    so in a burst the reports and the timeline would otherwise take two thirds of it."""
+    they wait while it is behind the log, and never go past its position. Threads of one
+    process share one core (the GIL), so in a burst the reports and the timeline would
+    otherwise take two thirds of it; and a conversation's page joins its inbox item with
+    its timeline, so the timeline must not be newer than the item (as when one runner
+    moved them in step)."""
 
     def __init__(self, max_wait: float = 2.0) -> None:
         self._caught_up = threading.Event()
-        self._caught_up.set()
         # A follower runs at least one batch per `max_wait`: under sustained overload it
         # trails further but never stops.
         self.max_wait = max_wait
+        self.position: int | None = None  # the leading runner's; None: not reported yet
 
-    def report(self, *, behind: bool) -> None:
+    def report(self, *, behind: bool, position: int | None = None) -> None:
+        if position is not None:
+            self.position = position
         if behind:
             self._caught_up.clear()
         else:
             self._caught_up.set()
 
-    def give_way(self, stop: threading.Event) -> None:
-        """Waits until the leading runner has caught up, `stop` is set, or `max_wait`."""
+    def give_way(self, stop: threading.Event) -> int | None:
+        """Waits until the leading runner has caught up, `stop` is set, or `max_wait`;
+        returns how far a follower may go (None: nowhere yet)."""
         deadline = time.monotonic() + self.max_wait
         while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
             if self._caught_up.wait(min(left, 0.1)):
-                return
+                break
+        return self.position
 
 
 @dataclass
@@ -199,6 +207,7 @@ class ProjectionRunner:
         self._ready = False
         # Whether the last round read a full batch somewhere (the log has more after it).
         self.behind = False
+        self.reached = 0  # every projection's position is at least this after the last round
 
     def _ensure_ready(self) -> None:
         if not self._ready:
@@ -216,9 +225,10 @@ class ProjectionRunner:
             result[projection.name] = (state.generation, state.position)
         return result
 
-    def run_once(self, limit: int = 1000) -> int:
-        """Processes up to `limit` notifications for each projection; returns how many
-        notifications were applied, summed over the projections (0: all caught up)."""
+    def run_once(self, limit: int = 1000, *, ceiling: int | None = None) -> int:
+        """Processes up to `limit` notifications for each projection, none after `ceiling`
+        when given; returns how many notifications were applied, summed over the projections
+        (0: all caught up)."""
         self._ensure_ready()
         # Projections at the same position share one read of the log and one decode.
         by_position: dict[int, list[tuple[Projection, int]]] = {}
@@ -228,14 +238,20 @@ class ProjectionRunner:
             by_position.setdefault(position, []).append((projection, generation))
         done = 0
         self.behind = False
+        # How far every projection of this runner gets this round (a conflict: at least
+        # where it started).
+        reached: dict[int, int] = {position: position for position in by_position}
         for position, group in by_position.items():
             notifications = read_log(self.store, position, limit)
+            self.behind = self.behind or len(notifications) == limit
+            if ceiling is not None:
+                notifications = notifications[: bisect_right(notifications, (ceiling + 1,))]
             if not notifications:
                 continue
-            self.behind = self.behind or len(notifications) == limit
             handles = frozenset().union(*(p.handles for p, _ in group))
             with gc_paused():
                 decoded = decode(notifications, handles) if len(group) > 1 else None
+            moved = True
             for projection, generation in group:
                 events = (
                     None
@@ -257,9 +273,13 @@ class ProjectionRunner:
                     # written; the next round re-reads the position and carries on.
                     self.stats.conflicts[projection.name] += 1
                     log.info("projection %s: position moved by another writer", projection.name)
+                    moved = False
                     continue
                 self.stats.processed[projection.name] += len(notifications)
                 done += len(notifications)
+            if moved:
+                reached[position] = notifications[-1][0]
+        self.reached = min(reached.values(), default=0)
         return done
 
     def run_until_caught_up(self, limit: int = 1000) -> int:
@@ -303,17 +323,20 @@ class ProjectionRunner:
     ) -> None:
         backoff = poll_interval
         while not stop.is_set():
+            ceiling = None
             if follows is not None:
-                follows.give_way(stop)
+                ceiling = follows.give_way(stop)
+                if ceiling is None:
+                    continue  # the lead has not started yet
             try:
-                done = self.run_once(limit)
+                done = self.run_once(limit, ceiling=ceiling)
             except DatabaseError as exc:  # e.g. "database is locked", a lost connection
                 log.warning("projection runner: %s; retrying in %.1fs", exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             if leads is not None:
-                leads.report(behind=self.behind)
+                leads.report(behind=self.behind, position=self.reached)
             backoff = poll_interval
             if done == 0:
                 stop.wait(poll_interval)

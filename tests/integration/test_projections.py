@@ -679,6 +679,18 @@ def test_read_models_give_way_while_the_leading_one_is_behind(world: World) -> N
     assert inbox.stats.processed["inbox"] == timeline.stats.processed["timeline"] == total
 
 
+def test_a_follower_goes_no_further_than_the_lead(world: World) -> None:
+    busy_history(world, customers=3)
+    ids = [n.id for n in world.store.notifications(0, 100_000)]
+    timeline = ProjectionRunner(world.store, world.db, [Timeline()])
+
+    timeline.run_once(limit=1000, ceiling=ids[4])
+
+    assert [p for _, p in timeline.positions().values()] == [ids[4]]
+    assert timeline.reached == ids[4]
+    assert timeline.stats.processed["timeline"] == 5
+
+
 def test_a_full_batch_means_the_runner_is_behind(world: World) -> None:
     busy_history(world, customers=3)
     runner = world.runner()
