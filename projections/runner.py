@@ -242,7 +242,10 @@ class ProjectionRunner:
         # where it started).
         reached: dict[int, int] = {position: position for position in by_position}
         for position, group in by_position.items():
-            notifications = read_log(self.store, position, limit)
+            # Ids only grow, so no more than `ceiling - position` of them lie up to it (fewer
+            # where the log has gaps): a follower reads nothing it may not apply.
+            wanted = limit if ceiling is None else min(limit, ceiling - position)
+            notifications = read_log(self.store, position, wanted) if wanted > 0 else []
             self.behind = self.behind or len(notifications) == limit
             if ceiling is not None:
                 notifications = notifications[: bisect_right(notifications, (ceiling + 1,))]
