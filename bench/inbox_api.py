@@ -218,8 +218,7 @@ def in_process(
 def serve(port: int, workdir: str, token: str, profile_path: str) -> None:
     import uvicorn
 
-    from infra.composition import build_http_app, build_parts
-    from ivr.voice import freeze_after_start
+    from infra.composition import build_http_app, build_parts, freeze_after_start
 
     parts = build_parts(load_settings(_env(Path(workdir), token)))
     app = build_http_app(parts)

@@ -62,11 +62,12 @@ def serve(
 
     import adapters.kafka
     from adapters.kafka import KafkaPublisher
+    from infra.composition import freeze_after_start
     from infra.kafka import make_producer
     from ivr.estimate import estimate_wait
     from ivr.flow import QueueInfo
     from ivr.menu import load_bundled_example
-    from ivr.voice import freeze_after_start, voice_routes
+    from ivr.voice import voice_routes
 
     if linger_ms:  # to measure what infra.kafka's linger costs; patched in this process only
         linger = functools.partial(make_producer, linger_ms=int(linger_ms))

@@ -16,7 +16,6 @@ one process), otherwise a status callback that reaches another process reports
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -49,15 +48,6 @@ Clock = Callable[[], datetime]
 # The wait loop speaks no number rather than keep a caller on hold waiting for an estimate.
 QUEUE_INFO_TIMEOUT = 0.5
 UNKNOWN_QUEUE_INFO = QueueInfo(position=None, estimate_seconds=None, agents_available=0)
-
-
-def freeze_after_start() -> None:
-    """Call once the server is up: what is alive then (modules, the menu, the app) lives
-    until exit, so it is moved out of the collector's sight. Full collections then walk only
-    what requests left behind instead of every object of the process, which is what stalls
-    every call in progress (docs/ivr.md, "speed")."""
-    gc.collect()
-    gc.freeze()
 
 
 def utc_now() -> datetime:

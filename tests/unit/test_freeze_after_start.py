@@ -1,10 +1,10 @@
-"""`ivr.voice.freeze_after_start`: what is alive at start-up leaves the collector's sight."""
+"""`infra.composition.freeze_after_start`: what lives at start-up leaves the collector's sight."""
 
 from __future__ import annotations
 
 import gc
 
-from ivr.voice import freeze_after_start
+from infra.composition import freeze_after_start
 
 
 def test_objects_alive_at_start_are_frozen() -> None:
