@@ -182,5 +182,9 @@ def positions(db: ReadModelDB) -> dict[str, int]:
     """The position of each projection's active generation (for `inbox_projection_position`)."""
     ensure_state_table(db)
     with db.read() as tx:
-        tx.execute(f"SELECT name, position FROM {STATE_TABLE} WHERE active=1")
-        return {str(name): int(position) for name, position in tx.fetchall()}
+        return active_positions(tx)
+
+
+def active_positions(tx: Tx) -> dict[str, int]:
+    tx.execute(f"SELECT name, position FROM {STATE_TABLE} WHERE active=1")
+    return {str(name): int(position) for name, position in tx.fetchall()}

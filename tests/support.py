@@ -127,12 +127,12 @@ async def wait_until(
 
 
 @contextlib.asynccontextmanager
-async def serving(routes: list[BaseRoute], port: int) -> AsyncIterator[str]:
-    """uvicorn serving `routes` on 127.0.0.1:port in this event loop (stand-ins for outside
-    services: Twilio's REST API, Meta's Graph API)."""
-    config = uvicorn.Config(
-        Starlette(routes=routes), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-    )
+async def serving(app: list[BaseRoute] | Starlette, port: int) -> AsyncIterator[str]:
+    """uvicorn serving an app (or bare routes) on 127.0.0.1:port in this event loop: stand-ins
+    for outside services (Twilio's REST API, Meta's Graph API) and parts of our API."""
+    if isinstance(app, list):
+        app = Starlette(routes=app)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
