@@ -10,8 +10,11 @@ Tables (generation N):
 - `metrics_agents_gN`: the same counters per (agent, slot, channel, queue) for keys with an
   agent, so a query naming an agent sums that agent's rows of the range (at most one per
   channel and queue it worked in per slot); an agent's time under channel and queue `*`.
-- `metrics_hourly_gN`: the all-traffic counters per UTC hour (4 slots), for hour and day
-  buckets over long ranges in zones whose offsets are whole hours.
+- `metrics_hourly_gN`: the rows of `metrics_counts_gN` summed per UTC hour (4 slots), and
+- `metrics_agent_hours_gN`: all of an agent's counters (every channel and queue, and their
+  time) per UTC hour: hour and day buckets in zones whose offsets are whole hours read a
+  quarter of the rows (one per hour) when they filter by channel and/or queue, or by agent
+  alone.
 - `metrics_state_gN`: what later events need to know, as JSON per (kind, id): conversations
   (`c`), calls by CallSid (`k`), agents (`a`, by agent id), agent aggregate ids (`u`),
   callbacks (`b`) and queues with their SLA calendar (`q`).
@@ -41,6 +44,7 @@ NAME = "metrics"
 COUNTS = "metrics_counts"
 AGENTS = "metrics_agents"
 HOURLY = "metrics_hourly"
+AGENT_HOURS = "metrics_agent_hours"
 STATE = "metrics_state"
 
 CHANNELS = ("email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat")
@@ -198,10 +202,11 @@ class Metrics:
             table(STATE, generation),
             table(AGENTS, generation),
             table(HOURLY, generation),
+            table(AGENT_HOURS, generation),
         ]
 
     def create_tables(self, tx: Tx, generation: int) -> None:
-        counts, state, agents, hourly = self.tables(generation)
+        counts, state, agents, hourly, agent_hours = self.tables(generation)
         clustered = "" if tx.is_postgres else " WITHOUT ROWID"
         columns = ", ".join(f"{c} BIGINT NOT NULL DEFAULT 0" for c in COLUMNS)
         # Key orders: a query fixes channel and queue and reads a range of slots; an agent's
@@ -220,8 +225,12 @@ class Metrics:
             "data TEXT NOT NULL, PRIMARY KEY (kind, id))" + clustered
         )
         tx.execute(
-            f"CREATE TABLE IF NOT EXISTS {hourly} (hour BIGINT NOT NULL PRIMARY KEY, {columns})"
-            + clustered
+            f"CREATE TABLE IF NOT EXISTS {hourly} (channel TEXT NOT NULL, queue TEXT NOT NULL, "
+            f"hour BIGINT NOT NULL, {columns}, PRIMARY KEY (channel, queue, hour))" + clustered
+        )
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {agent_hours} (agent TEXT NOT NULL, "
+            f"hour BIGINT NOT NULL, {columns}, PRIMARY KEY (agent, hour))" + clustered
         )
 
     def create_indexes(self, tx: Tx, generation: int) -> None:
@@ -267,13 +276,16 @@ class _Cache:
 
 def roll_up(
     deltas: dict[Key, dict[int, int]],
-) -> tuple[dict[Key, list[int]], dict[int, list[int]]]:
-    """The counters of every row the batch's deltas go to (see `roll_ups`), and the
-    all-traffic counters per hour. In stages, so that each delta is added twice at most
-    (to its own row and its (channel, queue)); the wider roll-ups are sums of those."""
+) -> tuple[dict[Key, list[int]], dict[Key, list[int]]]:
+    """The counters of every row the batch's deltas go to (see `roll_ups`), and the same per
+    UTC hour (`slot // 4` in the key's place), where a key with an agent goes to the agent's
+    total instead, (`*`, `*`, agent, hour). In stages, so that each delta is added three times
+    at most (to its own row, its (channel, queue) and its agent's hour); the wider roll-ups
+    are sums of those."""
     cube: dict[Key, list[int]] = {}
     pairs: dict[Key, list[int]] = {}  # (channel, queue, *, slot)
     everything: dict[Key, list[int]] = {}  # (*, *, *, slot)
+    hours: dict[Key, list[int]] = {}
     zeros = [0] * _N
     for key, delta in deltas.items():
         channel, queue, agent, slot = key
@@ -289,6 +301,12 @@ def roll_up(
             row = cube[key] = list(zeros)
             for column, value in delta.items():
                 row[column] += value
+            hour_key = (ALL, ALL, agent, slot // SLOTS_PER_HOUR)
+            total = hours.get(hour_key)
+            if total is None:
+                total = hours[hour_key] = list(zeros)
+            for column, value in delta.items():
+                total[column] += value
     by_channel: dict[Key, list[int]] = {}
     by_queue: dict[Key, list[int]] = {}
     for (channel, queue, _, slot), counters in pairs.items():
@@ -298,11 +316,9 @@ def roll_up(
         _sum_into(everything, (ALL, ALL, ALL, slot), counters)
     for rolled_up in (pairs, by_channel, by_queue, everything):
         cube.update(rolled_up)
-    hourly: dict[int, list[int]] = {}
-    for (_, _, _, slot), counters in everything.items():
-        hour = slot // SLOTS_PER_HOUR
-        hourly[hour] = list(map(add, hourly.get(hour, zeros), counters))
-    return cube, hourly
+        for (channel, queue, _, slot), counters in rolled_up.items():
+            _sum_into(hours, (channel, queue, ALL, slot // SLOTS_PER_HOUR), counters)
+    return cube, hours
 
 
 def _sum_into(rows: dict[Key, list[int]], key: Key, counters: list[int]) -> None:
@@ -313,7 +329,13 @@ def _sum_into(rows: dict[Key, list[int]], key: Key, counters: list[int]) -> None
 class _Batch:
     def __init__(self, tx: Tx, tables: list[str], cache: _Cache) -> None:
         self.tx = tx
-        self.counts_table, self.state_table, self.agents_table, self.hourly_table = tables
+        (
+            self.counts_table,
+            self.state_table,
+            self.agents_table,
+            self.hourly_table,
+            self.agent_hours_table,
+        ) = tables
         self.cache = cache
         self.rows = cache.rows
         self.dirty: set[tuple[str, str]] = set()
@@ -402,17 +424,19 @@ class _Batch:
             "ON CONFLICT (kind, id) DO UPDATE SET data=excluded.data",
             [(k, i, orjson.dumps(rows[k][i]).decode()) for k, i in sorted(self.dirty)],
         )
-        cube, hourly = roll_up(self.deltas)
+        cube, hours = roll_up(self.deltas)
         # In the order the batch first touched them (about time order): sorting them in
         # primary-key order made no difference to SQLite here, and cost a second per million.
-        everyone = [[c, q, slot, *v] for (c, q, a, slot), v in cube.items() if a == ALL]
+        for rows_of, table_name, key in (
+            (cube, self.counts_table, "channel, queue, slot"),
+            (hours, self.hourly_table, "channel, queue, hour"),
+        ):
+            everyone = [[c, q, t, *v] for (c, q, a, t), v in rows_of.items() if a == ALL]
+            self.tx.executemany(_upsert_sql(table_name, key), everyone)
         agents = [[a, slot, c, q, *v] for (c, q, a, slot), v in cube.items() if a != ALL]
-        self.tx.executemany(_upsert_sql(self.counts_table, "channel, queue, slot"), everyone)
         self.tx.executemany(_upsert_sql(self.agents_table, "agent, slot, channel, queue"), agents)
-        self.tx.executemany(
-            _upsert_sql(self.hourly_table, "hour"),
-            [[hour, *hourly[hour]] for hour in sorted(hourly)],
-        )
+        agent_hours = [[a, hour, *v] for (_, _, a, hour), v in hours.items() if a != ALL]
+        self.tx.executemany(_upsert_sql(self.agent_hours_table, "agent, hour"), agent_hours)
 
     # -- counters -----------------------------------------------------------------------
 

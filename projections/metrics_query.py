@@ -9,10 +9,10 @@ quarter hours (all of them since 1979 or so; others are refused). The range is w
 whole buckets: the first bucket holds `start`, the last one holds the instant before `end`.
 
 One SQL statement per stretch of constant UTC offset (one or two for 90 days) sums the rows
-of each bucket: all traffic by hour or day in a zone of whole-hour offsets reads the hourly
-table (one row per hour); other queries without an agent read one row per slot (the counters
-are rolled up over agents); a query naming an agent sums that agent's rows of the range (see
-projections/metrics.py).
+of each bucket. Hour or day buckets in a zone of whole-hour offsets read the hourly tables:
+one row per hour without an agent (the counters are rolled up over agents), or naming an agent
+alone (their total); other queries without an agent read one row per slot; a query naming an
+agent and a channel or queue sums that agent's rows of the range (see projections/metrics.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from projections.base import table
 from projections.db import ReadModelDB, Tx
 from projections.inbox_view import QueryError
 from projections.metrics import (
+    AGENT_HOURS,
     AGENTS,
     ALL,
     CHANNELS,
@@ -374,6 +375,17 @@ def _source(
     filters: tuple[str | None, str | None, str | None],
 ) -> _Source:
     channel, queue, agent = filters
+    # Hour and day buckets whose edges fall on UTC hours read the hourly tables: a quarter of
+    # the rows (90 days by hour, one channel: p99 58-61 ms from the slots).
+    hourly = k % SLOTS_PER_HOUR == 0 and _whole_hours(parts, bounds)
+    if agent and not channel and not queue and hourly:
+        return _Source(
+            f"FROM {table(AGENT_HOURS, generation)} WHERE agent=? AND ",
+            (agent,),
+            "hour",
+            SLOTS_PER_HOUR,
+            grouped=k != SLOTS_PER_HOUR,
+        )
     if agent:
         # The agent's rows of the range: at most one per channel and queue per slot (and the
         # agent's time under channel and queue `*`, which a channel or queue leaves out).
@@ -385,10 +397,10 @@ def _source(
                 params.append(value)
         sql = f"FROM {table(AGENTS, generation)} WHERE {' AND '.join(where)} AND "
         return _Source(sql, tuple(params), "slot", 1, grouped=True)
-    if not channel and not queue and k % SLOTS_PER_HOUR == 0 and _whole_hours(parts, bounds):
+    if hourly:
         return _Source(
-            f"FROM {table(HOURLY, generation)} WHERE ",
-            (),
+            f"FROM {table(HOURLY, generation)} WHERE channel=? AND queue=? AND ",
+            (channel or ALL, queue or ALL),
             "hour",
             SLOTS_PER_HOUR,
             grouped=k != SLOTS_PER_HOUR,

@@ -21,8 +21,8 @@ from infra.store import open_event_store
 from projections.base import table
 from projections.db import ReadModelDB, open_read_models
 from projections.inbox_view import QueryError
-from projections.metrics import AGENTS as AGENT_ROWS
 from projections.metrics import (
+    AGENT_HOURS,
     ALL,
     CHANNELS,
     COLUMNS,
@@ -32,7 +32,8 @@ from projections.metrics import (
     STATE,
     Metrics,
 )
-from projections.metrics_query import counters, metrics
+from projections.metrics import AGENTS as AGENT_ROWS
+from projections.metrics_query import counters, kpis, metrics
 from projections.replay import PROJECTIONS, rebuild
 from projections.runner import ProjectionRunner
 from projections.tracking import active_generation
@@ -193,14 +194,20 @@ def rows(db: ReadModelDB) -> tuple[int, dict[tuple[Any, ...], tuple[int, ...]], 
             f"SELECT channel, queue, agent, slot, {names} FROM {table(AGENT_ROWS, g)}"
         ).fetchall()
         kept = tx.execute(f"SELECT kind, id, data FROM {table(STATE, g)}").fetchall()
-        hourly = tx.execute(f"SELECT hour, {names} FROM {table(HOURLY, g)}").fetchall()
+        hourly = tx.execute(
+            f"SELECT channel, queue, hour, {names} FROM {table(HOURLY, g)}"
+        ).fetchall()
+        agent_hours = tx.execute(
+            f"SELECT agent, hour, {names} FROM {table(AGENT_HOURS, g)}"
+        ).fetchall()
     assert all(r[2] != ALL for r in agents)
     return (
         g,
         {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in [*everyone, *agents]},
         {
             "state": {(kind, row_id): orjson.loads(data) for kind, row_id, data in kept},
-            "hourly": {int(r[0]): tuple(int(v) for v in r[1:]) for r in hourly},
+            "hourly": {(r[0], r[1], int(r[2])): tuple(int(v) for v in r[3:]) for r in hourly},
+            "agent_hours": {(r[0], int(r[1])): tuple(int(v) for v in r[2:]) for r in agent_hours},
         },
     )
 
@@ -276,12 +283,21 @@ def test_roll_ups_add_up_across_every_dimension(day: Day) -> None:
     assert agents_only
     assert all(c == q == ALL for (c, q, a, _) in counts if a != ALL and ALL in (c, q))
     assert all(not v for row in agents_only for i, v in enumerate(row) if i not in agents_time)
-    # each hour holds the sum of its four slots of all traffic
-    hours: dict[int, list[int]] = {}
+    # each hour of a row without an agent holds the sum of its four slots, and an agent's
+    # hour the sum of all the agent's rows in them (every channel and queue, and their time)
+    hours: dict[tuple[str, str, int], list[int]] = {}
+    agent_hours: dict[tuple[str, int], list[int]] = {}
     for (c, q, a, slot), values in counts.items():
-        if c == q == a == ALL:
-            hours[slot // 4] = add(hours.get(slot // 4, [0] * len(COLUMNS)), values)
+        if a == ALL:
+            hours[(c, q, slot // 4)] = add(hours.get((c, q, slot // 4), [0] * len(COLUMNS)), values)
+        else:
+            agent_hours[(a, slot // 4)] = add(
+                agent_hours.get((a, slot // 4), [0] * len(COLUMNS)), values
+            )
     assert {h: list(v) for h, v in tables["hourly"].items()} == hours
+    assert {h: list(v) for h, v in tables["agent_hours"].items()} == agent_hours
+    assert any(c != ALL for c, _, _ in hours)
+    assert agent_hours
 
 
 def test_every_way_of_reading_gives_the_same_sums(day: Day) -> None:
@@ -318,6 +334,47 @@ def test_every_way_of_reading_gives_the_same_sums(day: Day) -> None:
             assert add(*(add(*d) for d in by_queue)) == add(
                 *sums("day", agent=agent, channel=channel)
             )
+
+
+FILTERS: list[dict[str, Any]] = [
+    {},
+    *({"channel": c} for c in CHANNELS),
+    *({"queue": q} for q in QUEUES),
+    {"channel": "voice", "queue": "billing"},
+    *({"agent": a} for a in AGENTS),
+    {"agent": "ann", "channel": "voice"},
+    {"agent": "bob", "queue": "support"},
+    {"agent": "cyd", "channel": "email", "queue": "billing"},
+]
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_hourly_tables_answer_as_the_slots_do_under_every_filter(day: Day, seed: int) -> None:
+    # given random traffic (40 conversations over two days)
+    traffic(day, seed)
+    run(day)
+    start = T0.replace(hour=0)  # whole UTC days: the 15-minute buckets tile the days'
+    end = start + timedelta(days=3)
+    counted = 0
+    for filters in FILTERS:
+        # when hours and days are read (from the hourly tables, where the filter has them)
+        texts, quarters = counters(day.db, start=start, end=end, bucket="15m", **filters)
+        _, hours = counters(day.db, start=start, end=end, bucket="hour", **filters)
+        _, days = counters(day.db, start=start, end=end, bucket="day", **filters)
+        # then each is the sum of its 15-minute slots, read from the slot tables
+        rows = [[0] * len(COLUMNS) if row is None else row for row in quarters]
+        assert len(rows) % 96 == 0
+        assert texts[0].endswith("T00:00:00+00:00")
+        by_hour = [add(*rows[i : i + 4]) for i in range(0, len(rows), 4)]
+        by_day = [add(*rows[i : i + 96]) for i in range(0, len(rows), 96)]
+        assert [row or add() for row in hours] == by_hour, filters
+        assert [row or add() for row in days] == by_day, filters
+        # and so is every KPI of the answer
+        answer = metrics(day.db, start=start, end=end, bucket="hour", **filters)
+        assert [b["kpis"] for b in answer["buckets"]] == [kpis(row) for row in by_hour]
+        assert answer["total"] == kpis(add(*by_hour))
+        counted += any(any(row) for row in rows)
+    assert counted > len(FILTERS) // 2  # the filters find traffic
 
 
 def message_at(day: Day, name: str, when: datetime) -> None:

@@ -261,7 +261,7 @@ def test_a_batch_rolled_up_in_stages_equals_every_key_added_to_each_of_its_rows(
 ) -> None:
     # given a batch's counter deltas by key
     # when they are rolled up the fast way
-    cube, hourly = roll_up(batch)
+    cube, hours = roll_up(batch)
     # then every row holds what the deltas of the keys going to it add up to
     expected: dict[tuple[Any, ...], list[int]] = {}
     for key, delta in batch.items():
@@ -270,13 +270,14 @@ def test_a_batch_rolled_up_in_stages_equals_every_key_added_to_each_of_its_rows(
             for column, value in delta.items():
                 total[column] += value
     assert cube == expected
-    # and each hour holds the sum of its four slots of all traffic
-    hours: dict[int, list[int]] = {}
+    # and each hour of a row without an agent holds the sum of its four slots, and an
+    # agent's hour the sum of all the agent's rows (every channel and queue) in those slots
+    by_hour: dict[tuple[Any, ...], list[int]] = {}
     for (channel, queue, agent, slot), total in expected.items():
-        if (channel, queue, agent) == (ALL, ALL, ALL):
-            into = hours.setdefault(slot // 4, [0] * len(COLUMNS))
-            hours[slot // 4] = [a + b for a, b in zip(into, total, strict=True)]
-    assert hourly == hours
+        key = (channel, queue, ALL, slot // 4) if agent == ALL else (ALL, ALL, agent, slot // 4)
+        into = by_hour.setdefault(key, [0] * len(COLUMNS))
+        by_hour[key] = [a + b for a, b in zip(into, total, strict=True)]
+    assert hours == by_hour
 
 
 # -- buckets ------------------------------------------------------------------------------
