@@ -748,10 +748,6 @@ class _Batch:
             self.dirty_claims.add(e.originator_id)
 
 
-def _recency(row: tuple[Any, ...]) -> tuple[str, str]:
-    return row[UPDATED_AT], row[0]
-
-
 def _when(at: str | None) -> datetime | None:
     return None if at is None else parse_iso(at)
 
@@ -772,43 +768,69 @@ def _claim_from_row(row: tuple[Any, ...]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- queries
 
-_ITEM_COLUMNS = ", ".join(f"c.{c}" for c in _CONV_COLUMNS) + ", cu.name, cu.identities"
+# What a list item shows, in this order; `updated_at` and `id` last for the recency sort.
+_ITEM_COLUMNS = (
+    "c.owner_id, cu.name, cu.identities, c.channels, c.status, c.assignee, c.queue, "
+    "c.priority, c.offered_to, c.escalated, c.last_channel, c.last_text, c.last_at, "
+    "c.last_direction, c.waiting_since, c.sla_due_at, c.opened_at, c.updated_at, c.id"
+)
+
+
+def _recency(row: tuple[Any, ...]) -> tuple[str, str]:
+    return row[-2], row[-1]
 
 
 def _item(row: tuple[Any, ...]) -> dict[str, Any]:
-    r = dict(zip(_CONV_COLUMNS, row, strict=False))
-    name, identities = row[len(_CONV_COLUMNS)], row[len(_CONV_COLUMNS) + 1]
+    # Unpacked, not zipped into a dict first: a page builds 50 of these per request.
+    (
+        owner_id,
+        name,
+        identities,
+        channels,
+        status,
+        assignee,
+        queue,
+        priority,
+        offered_to,
+        escalated,
+        last_channel,
+        last_text,
+        last_at,
+        last_direction,
+        waiting_since,
+        sla_due_at,
+        opened_at,
+        updated_at,
+        conversation_id,
+    ) = row
     return {
-        "id": r["id"],
+        "id": conversation_id,
         "customer": {
-            "id": r["owner_id"],
+            "id": owner_id,
             "name": name,
             "identities": orjson.loads(identities) if identities else [],
         },
-        "channels": orjson.loads(r["channels"]),
-        "status": r["status"],
-        "assignee": r["assignee"],
-        "queue": r["queue"],
-        "priority": r["priority"],
-        "offered_to": r["offered_to"],
-        "escalated": bool(r["escalated"]),
-        "last_message": _last_message(r),
-        "waiting_since": r["waiting_since"],
-        "sla_due_at": r["sla_due_at"],
-        "opened_at": r["opened_at"],
-        "updated_at": r["updated_at"],
+        "channels": orjson.loads(channels),
+        "status": status,
+        "assignee": assignee,
+        "queue": queue,
+        "priority": priority,
+        "offered_to": offered_to,
+        "escalated": bool(escalated),
+        "last_message": _last_message(last_channel, last_text, last_at, last_direction),
+        "waiting_since": waiting_since,
+        "sla_due_at": sla_due_at,
+        "opened_at": opened_at,
+        "updated_at": updated_at,
     }
 
 
-def _last_message(r: dict[str, Any]) -> dict[str, Any] | None:
-    if r["last_at"] is None:
+def _last_message(
+    channel: str | None, text: str | None, at: str | None, direction: str | None
+) -> dict[str, Any] | None:
+    if at is None:
         return None
-    return {
-        "channel": r["last_channel"],
-        "text": r["last_text"],
-        "at": r["last_at"],
-        "direction": r["last_direction"],
-    }
+    return {"channel": channel, "text": text, "at": at, "direction": direction}
 
 
 def encode_cursor(updated_at: str, conversation_id: str) -> str:
@@ -1004,8 +1026,9 @@ def list_conversations(
             where.append(_scope_clause(*scope))
             params.extend(_scope_params(*scope))
         if after is not None:
-            where.append("(c.updated_at < ? OR (c.updated_at = ? AND c.id < ?))")
-            params.extend([after[0], after[0], after[1]])
+            # a row value, so the index seeks to the cursor instead of walking down to it
+            where.append("(c.updated_at, c.id) < (?, ?)")
+            params.extend(after)
         sql = (
             f"SELECT {_ITEM_COLUMNS} FROM {conv_table} c "
             f"LEFT JOIN {cust_table} cu ON cu.id = c.owner_id"
@@ -1071,14 +1094,7 @@ def conversations_of(tx: Tx, owner_id: str) -> list[dict[str, Any]]:
             "id": conv_id,
             "status": status,
             "opened_at": opened_at,
-            "last_message": _last_message(
-                {
-                    "last_channel": channel,
-                    "last_text": text,
-                    "last_at": at,
-                    "last_direction": direction,
-                }
-            ),
+            "last_message": _last_message(channel, text, at, direction),
         }
         for conv_id, status, opened_at, channel, text, at, direction in tx.fetchall()
     ]
