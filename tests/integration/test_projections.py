@@ -297,6 +297,16 @@ def test_filters_status_assignee_queue_channel(world: World) -> None:
     assert ids_of(queue="sales") == [b]
     assert ids_of(channel="sms") == [c]
     assert ids_of(channel="voice") == []
+    # b's customer writes by SMS too: the conversation is in both channels
+    world.ingest(contact("b2", 5, channel="sms", email="b@example.com", phone="+14155550122"))
+    world.catch_up()
+    assert ids_of(channel="sms") == [b, c]
+    assert ids_of(channel="email") == [b, a]
+    first = list_conversations(world.db, channel="sms", limit=1)
+    assert [i["id"] for i in first["items"]] == [b]
+    assert ids_of(channel="sms", limit=1, cursor=first["next"]) == [c]
+    with pytest.raises(QueryError, match="channel"):
+        list_conversations(world.db, channel="fax")
     with pytest.raises(QueryError):
         list_conversations(world.db, status="closed")
     with pytest.raises(QueryError):
