@@ -279,45 +279,43 @@ def roll_up(
 ) -> tuple[dict[Key, list[int]], dict[Key, list[int]]]:
     """The counters of every row the batch's deltas go to (see `roll_ups`), and the same per
     UTC hour (`slot // 4` in the key's place), where a key with an agent goes to the agent's
-    total instead, (`*`, `*`, agent, hour). In stages, so that each delta is added three times
-    at most (to its own row, its (channel, queue) and its agent's hour); the wider roll-ups
-    are sums of those."""
+    total instead, (`*`, `*`, agent, hour). In stages, so that each delta is added four times
+    at most (to its own row, its agent's hour, its (channel, queue) and that pair's hour); the
+    wider roll-ups are sums of those."""
     cube: dict[Key, list[int]] = {}
+    hours: dict[Key, list[int]] = {}
     pairs: dict[Key, list[int]] = {}  # (channel, queue, *, slot)
     everything: dict[Key, list[int]] = {}  # (*, *, *, slot)
-    hours: dict[Key, list[int]] = {}
+    hour_pairs: dict[Key, list[int]] = {}  # (channel, queue, *, hour)
+    hour_everything: dict[Key, list[int]] = {}  # (*, *, *, hour)
     zeros = [0] * _N
     for key, delta in deltas.items():
         channel, queue, agent, slot = key
+        hour = slot // SLOTS_PER_HOUR
         # an agent's time goes to everything directly, other counters via their pair
-        rolled = (ALL, ALL, ALL, slot) if channel == ALL else (channel, queue, ALL, slot)
-        into = everything if channel == ALL else pairs
-        target = into.get(rolled)
-        if target is None:
-            target = into[rolled] = list(zeros)
-        for column, value in delta.items():
-            target[column] += value
+        targets: tuple[tuple[dict[Key, list[int]], Key], ...] = (
+            ((everything, (ALL, ALL, ALL, slot)), (hour_everything, (ALL, ALL, ALL, hour)))
+            if channel == ALL
+            else ((pairs, (channel, queue, ALL, slot)), (hour_pairs, (channel, queue, ALL, hour)))
+        )
         if agent:  # no query asks for "no agent"
-            row = cube[key] = list(zeros)
+            targets += ((cube, key), (hours, (ALL, ALL, agent, hour)))
+        for into, rolled in targets:
+            target = into.get(rolled)
+            if target is None:
+                target = into[rolled] = list(zeros)
             for column, value in delta.items():
-                row[column] += value
-            hour_key = (ALL, ALL, agent, slot // SLOTS_PER_HOUR)
-            total = hours.get(hour_key)
-            if total is None:
-                total = hours[hour_key] = list(zeros)
-            for column, value in delta.items():
-                total[column] += value
-    by_channel: dict[Key, list[int]] = {}
-    by_queue: dict[Key, list[int]] = {}
-    for (channel, queue, _, slot), counters in pairs.items():
-        _sum_into(by_channel, (channel, ALL, ALL, slot), counters)
-        _sum_into(by_queue, (ALL, queue, ALL, slot), counters)
-    for (_, _, _, slot), counters in by_channel.items():
-        _sum_into(everything, (ALL, ALL, ALL, slot), counters)
-    for rolled_up in (pairs, by_channel, by_queue, everything):
-        cube.update(rolled_up)
-        for (channel, queue, _, slot), counters in rolled_up.items():
-            _sum_into(hours, (channel, queue, ALL, slot // SLOTS_PER_HOUR), counters)
+                target[column] += value
+    for by_pair, total, out in ((pairs, everything, cube), (hour_pairs, hour_everything, hours)):
+        by_channel: dict[Key, list[int]] = {}
+        by_queue: dict[Key, list[int]] = {}
+        for (channel, queue, _, time), counters in by_pair.items():
+            _sum_into(by_channel, (channel, ALL, ALL, time), counters)
+            _sum_into(by_queue, (ALL, queue, ALL, time), counters)
+        for (_, _, _, time), counters in by_channel.items():
+            _sum_into(total, (ALL, ALL, ALL, time), counters)
+        for rolled_up in (by_pair, by_channel, by_queue, total):
+            out.update(rolled_up)
     return cube, hours
 
 
