@@ -302,17 +302,18 @@ def main() -> None:
     )
     counted = []
     with db.read() as tx:
-        for name in ("metrics_counts", "metrics_agents"):
+        for name in ("metrics_counts", "metrics_agents", "metrics_hourly", "metrics_agent_hours"):
             row = tx.execute(f"SELECT COUNT(*) FROM {name}_g{result.generation}").fetchone()
             counted.append(int(row[0]) if row else 0)
     print(
-        f"  counter rows (all agents + by agent)       {sum(counted):>10,} "
-        f"({counted[0]:,} + {counted[1]:,})"
+        f"  counter rows (all agents + by agent)       {sum(counted[:2]):>10,} "
+        f"({counted[0]:,} + {counted[1]:,}; by hour {counted[2]:,} + {counted[3]:,})"
     )
     for label, filters in (
         ("all traffic, UTC", {}),
         ("all traffic, Europe/Berlin (DST inside)", {"tz": "Europe/Berlin"}),
         ("one channel", {"channel": "voice"}),
+        ("one queue", {"queue": "billing"}),
         ("one agent", {"agent": "agent-7"}),
         ("one queue and one agent", {"queue": "billing", "agent": "agent-7"}),
     ):
