@@ -232,7 +232,14 @@ def serve(port: int, workdir: str, token: str, profile_path: str) -> None:
         # The event loop's thread only: the queries run in worker threads (timed in-process).
         profiler.enable()
     try:
-        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        uvicorn.run(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=60,  # as `inbox serve` (infra/composition.py)
+        )
     finally:
         if profiler is not None:
             profiler.disable()
