@@ -292,20 +292,30 @@ def roll_up(
     for key, delta in deltas.items():
         channel, queue, agent, slot = key
         hour = slot // SLOTS_PER_HOUR
+        items = delta.items()
         # an agent's time goes to everything directly, other counters via their pair
-        targets: tuple[tuple[dict[Key, list[int]], Key], ...] = (
-            ((everything, (ALL, ALL, ALL, slot)), (hour_everything, (ALL, ALL, ALL, hour)))
-            if channel == ALL
-            else ((pairs, (channel, queue, ALL, slot)), (hour_pairs, (channel, queue, ALL, hour)))
-        )
+        if channel == ALL:
+            at_slot, at_hour = everything, hour_everything
+            slot_key, hour_key = (ALL, ALL, ALL, slot), (ALL, ALL, ALL, hour)
+        else:
+            at_slot, at_hour = pairs, hour_pairs
+            slot_key, hour_key = (channel, queue, ALL, slot), (channel, queue, ALL, hour)
+        for into, rolled in ((at_slot, slot_key), (at_hour, hour_key)):
+            row = into.get(rolled)
+            if row is None:
+                row = into[rolled] = list(zeros)
+            for column, value in items:
+                row[column] += value
         if agent:  # no query asks for "no agent"
-            targets += ((cube, key), (hours, (ALL, ALL, agent, hour)))
-        for into, rolled in targets:
-            target = into.get(rolled)
-            if target is None:
-                target = into[rolled] = list(zeros)
-            for column, value in delta.items():
-                target[column] += value
+            row = cube[key] = list(zeros)
+            for column, value in items:
+                row[column] = value
+            rolled = (ALL, ALL, agent, hour)
+            row = hours.get(rolled)
+            if row is None:
+                row = hours[rolled] = list(zeros)
+            for column, value in items:
+                row[column] += value
     for by_pair, total, out in ((pairs, everything, cube), (hour_pairs, hour_everything, hours)):
         by_channel: dict[Key, list[int]] = {}
         by_queue: dict[Key, list[int]] = {}
