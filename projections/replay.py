@@ -36,6 +36,7 @@ from projections.tracking import (
     ensure_state_table,
     generation_state,
     generations,
+    layout,
     new_generation,
     now,
 )
@@ -106,7 +107,11 @@ def rebuild(
     started = time.monotonic()
     unfinished = _unfinished(db, name)
     target: GenerationState | None = None
-    if not from_start and unfinished:
+    if (
+        not from_start
+        and unfinished
+        and unfinished[-1].layout == layout(proj, postgres=db.is_postgres)
+    ):
         target = unfinished[-1]
     for stale in unfinished:
         if target is None or stale.generation != target.generation:

@@ -30,7 +30,13 @@ from eventsourcing.sqlite import SQLiteProcessRecorder
 from infra.store import EventStore
 from projections.base import Event, Projection
 from projections.db import DatabaseError, ReadModelDB
-from projections.tracking import PositionConflict, advance, ensure_active, ensure_state_table
+from projections.tracking import (
+    PositionConflict,
+    advance,
+    ensure_active,
+    ensure_current,
+    ensure_state_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +219,7 @@ class ProjectionRunner:
         if not self._ready:
             ensure_state_table(self.db)
             for projection in self.projections:
-                ensure_active(self.db, projection)
+                ensure_current(self.db, projection)
             self._ready = True
 
     def positions(self) -> dict[str, tuple[int, int]]:

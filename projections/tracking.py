@@ -8,11 +8,17 @@ rows, with a conditional update, so two writers of one generation never both app
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from projections.base import Projection
-from projections.db import IntegrityError, ReadModelDB, Tx
+from projections.db import DatabaseError, IntegrityError, ReadModelDB, Row, Tx
+
+log = logging.getLogger(__name__)
 
 STATE_TABLE = "projection_state"
 
@@ -30,6 +36,7 @@ class GenerationState:
     started_at: str
     finished_at: str | None
     retired_at: str | None
+    layout: str | None  # None: made before layouts were recorded
 
 
 def now() -> str:
@@ -42,11 +49,27 @@ def ensure_state_table(db: ReadModelDB) -> None:
             f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
             "name TEXT NOT NULL, generation INTEGER NOT NULL, position BIGINT NOT NULL, "
             "active INTEGER NOT NULL, started_at TEXT NOT NULL, finished_at TEXT, "
-            "retired_at TEXT, updated_at TEXT, PRIMARY KEY (name, generation))"
+            "retired_at TEXT, updated_at TEXT, layout TEXT, PRIMARY KEY (name, generation))"
         )
+    if not _has_layout(db):
+        try:  # a table made before layouts were recorded
+            with db.transaction() as tx:
+                tx.execute(f"ALTER TABLE {STATE_TABLE} ADD COLUMN layout TEXT")
+        except DatabaseError:
+            if not _has_layout(db):  # (not another process adding it at the same moment)
+                raise
 
 
-_COLUMNS = "name, generation, position, active, started_at, finished_at, retired_at"
+def _has_layout(db: ReadModelDB) -> bool:
+    try:
+        with db.read() as tx:
+            tx.execute(f"SELECT layout FROM {STATE_TABLE} WHERE 1=0")
+        return True
+    except DatabaseError:
+        return False
+
+
+_COLUMNS = "name, generation, position, active, started_at, finished_at, retired_at, layout"
 
 
 def _state(row: tuple[object, ...]) -> GenerationState:
@@ -58,6 +81,7 @@ def _state(row: tuple[object, ...]) -> GenerationState:
         started_at=str(row[4]),
         finished_at=None if row[5] is None else str(row[5]),
         retired_at=None if row[6] is None else str(row[6]),
+        layout=None if row[7] is None else str(row[7]),
     )
 
 
@@ -101,13 +125,14 @@ def new_generation(db: ReadModelDB, projection: Projection, *, active: bool) -> 
                 started = now()
                 tx.execute(
                     f"INSERT INTO {STATE_TABLE} ({_COLUMNS}, updated_at) "
-                    "VALUES (?, ?, 0, ?, ?, ?, NULL, ?)",
+                    "VALUES (?, ?, 0, ?, ?, ?, NULL, ?, ?)",
                     (
                         projection.name,
                         generation,
                         int(active),
                         started,
                         started if active else None,
+                        layout(projection, postgres=tx.is_postgres),
                         started,
                     ),
                 )
@@ -115,7 +140,14 @@ def new_generation(db: ReadModelDB, projection: Projection, *, active: bool) -> 
                 if active:
                     projection.create_indexes(tx, generation)
             return GenerationState(
-                projection.name, generation, 0, active, started, started if active else None, None
+                projection.name,
+                generation,
+                0,
+                active,
+                started,
+                started if active else None,
+                None,
+                layout(projection, postgres=db.is_postgres),
             )
         except IntegrityError:
             continue  # another process took this generation number at the same moment
@@ -150,6 +182,57 @@ def ensure_active(db: ReadModelDB, projection: Projection) -> GenerationState:
         if current is not None:
             return current
     raise RuntimeError(f"no active generation of {projection.name}")
+
+
+class _DDL:
+    """Takes the statements `create_tables` would run, to fingerprint them."""
+
+    rowcount = 0
+
+    def __init__(self, postgres: bool) -> None:
+        self.is_postgres = postgres
+        self.statements: list[str] = []
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _DDL:
+        self.statements.append(sql)
+        return self
+
+    def executemany(self, sql: str, params_seq: Sequence[Sequence[Any]]) -> None:
+        self.statements.append(sql)
+
+    def fetchone(self) -> Row | None:
+        return None
+
+    def fetchall(self) -> list[Row]:
+        return []
+
+
+def layout(projection: Projection, *, postgres: bool) -> str:
+    """A fingerprint of the projection's tables: what its `create_tables` runs."""
+    ddl = _DDL(postgres)
+    projection.create_tables(ddl, 0)
+    return hashlib.sha256("\n".join(ddl.statements).encode()).hexdigest()[:16]
+
+
+def ensure_current(db: ReadModelDB, projection: Projection) -> GenerationState:
+    """The active generation, as `ensure_active`, once its tables are the ones this code
+    reads and writes: one of another layout (or of unknown layout: made before layouts were
+    recorded) is dropped and the projection starts again from the beginning of the log,
+    where it would otherwise fail on every batch and every query. Indexes added since the
+    generation was made are created. For a runner's start, not every round."""
+    state = ensure_active(db, projection)
+    if state.layout != layout(projection, postgres=db.is_postgres):
+        log.warning(
+            "read model %s: generation %d has other tables than this version writes; "
+            "it is dropped and rebuilt from the start of the log",
+            projection.name,
+            state.generation,
+        )
+        drop_generation(db, projection, state.generation)
+        state = ensure_active(db, projection)
+    with db.transaction() as tx:
+        projection.create_indexes(tx, state.generation)
+    return state
 
 
 def advance(

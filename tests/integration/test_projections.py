@@ -29,7 +29,7 @@ from projections.inbox_view import InboxView, QueryError, get_customer, list_con
 from projections.replay import PROJECTIONS, rebuild
 from projections.runner import Lead, ProjectionRunner
 from projections.timeline import Timeline, get_conversation
-from projections.tracking import active_generation, generations
+from projections.tracking import active_generation, ensure_state_table, generations, layout
 from tests.conftest import SettingsFactory
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -765,3 +765,99 @@ def test_an_edited_policy_applies_from_then_on_or_to_history_on_request(world: W
         build=lambda: InboxView(current_policies=policies),
     )
     assert due() == at(10)  # today's policy applied to history
+
+
+def _set_layout(db: ReadModelDB, name: str, value: str | None) -> None:
+    with db.transaction() as tx:
+        tx.execute("UPDATE projection_state SET layout=? WHERE name=?", (value, name))
+
+
+@pytest.mark.parametrize("recorded", ["0123456789abcdef", None])
+def test_a_generation_of_other_tables_is_rebuilt_from_the_start(
+    world: World, recorded: str | None
+) -> None:
+    # given a live inbox view whose generation says it has other tables than this code's
+    # (or, made before layouts were recorded, says nothing), with a row this code would not
+    # write
+    busy_history(world, customers=5)
+    world.catch_up()
+    live = rows(world.db, active_tables(world.db, InboxView()))
+    _set_layout(world.db, "inbox", recorded)
+    (conversations, *_) = active_tables(world.db, InboxView())
+    with world.db.transaction() as tx:
+        tx.execute(f"UPDATE {conversations} SET last_text='stale'")
+    # when a runner starts
+    world.catch_up()
+    # then the old generation is gone and a new one holds what a replay of the log gives
+    with world.db.read() as tx:
+        states = generations(tx, "inbox")
+    assert [(s.generation, s.active) for s in states] == [(1, False), (2, True)]
+    assert states[1].layout == layout(InboxView(), postgres=world.db.is_postgres)
+    assert not world.db.table_exists(conversations)
+    assert rows(world.db, active_tables(world.db, InboxView())) == live
+
+
+def test_a_generation_of_these_tables_keeps_its_rows_and_gets_new_indexes(world: World) -> None:
+    busy_history(world, customers=3)
+    world.catch_up()
+    (conversations, *_) = active_tables(world.db, InboxView())
+    index = f"{conversations}_ch_sms"
+    with world.db.transaction() as tx:
+        tx.execute(f"DROP INDEX {index}")  # as if made before it was added
+    world.catch_up()
+    with world.db.read() as tx:
+        assert [s.generation for s in generations(tx, "inbox")] == [1]
+        if world.db.is_postgres:
+            tx.execute("SELECT COUNT(*) FROM pg_indexes WHERE indexname=?", (index,))
+        else:
+            tx.execute("SELECT COUNT(*) FROM sqlite_master WHERE name=?", (index,))
+        assert tx.fetchone() == (1,)
+
+
+def test_a_state_table_from_before_layouts_gets_the_column(
+    database_url: str, settings: SettingsFactory
+) -> None:
+    db = open_read_models(settings(database_url, bootstrap=None))
+    try:
+        with db.transaction() as tx:
+            tx.execute(
+                "CREATE TABLE projection_state (name TEXT NOT NULL, generation INTEGER NOT NULL, "
+                "position BIGINT NOT NULL, active INTEGER NOT NULL, started_at TEXT NOT NULL, "
+                "finished_at TEXT, retired_at TEXT, updated_at TEXT, "
+                "PRIMARY KEY (name, generation))"
+            )
+            tx.execute(
+                "INSERT INTO projection_state VALUES ('inbox', 1, 7, 1, 'then', 'then', NULL, NULL)"
+            )
+        ensure_state_table(db)
+        ensure_state_table(db)  # once is enough
+        with db.read() as tx:
+            state = active_generation(tx, "inbox")
+        assert state is not None
+        assert (state.generation, state.position, state.layout) == (1, 7, None)
+    finally:
+        db.close()
+
+
+def test_an_unfinished_rebuild_of_other_tables_is_not_resumed(world: World) -> None:
+    busy_history(world, customers=3)
+    world.catch_up()
+
+    class Stop(Exception):
+        pass
+
+    def stop(position: int, head: int) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        rebuild(world.store, world.db, "inbox", from_start=True, progress=stop, batch_size=10)
+    with world.db.transaction() as tx:
+        tx.execute("UPDATE projection_state SET layout='old' WHERE name='inbox' AND active=0")
+    result = rebuild(world.store, world.db, "inbox", from_start=False, batch_size=10)
+    assert result.generation == 3  # a new one: generation 2 could not be written to
+    with world.db.read() as tx:
+        assert [(s.generation, s.active) for s in generations(tx, "inbox")] == [
+            (1, False),
+            (2, False),
+            (3, True),
+        ]
