@@ -216,12 +216,21 @@ def layout(projection: Projection, *, postgres: bool) -> str:
 
 def ensure_current(db: ReadModelDB, projection: Projection) -> GenerationState:
     """The active generation, as `ensure_active`, once its tables are the ones this code
-    reads and writes: one of another layout (or of unknown layout: made before layouts were
-    recorded) is dropped and the projection starts again from the beginning of the log,
-    where it would otherwise fail on every batch and every query. Indexes added since the
-    generation was made are created. For a runner's start, not every round."""
+    reads and writes: one of another layout is dropped and the projection starts again from
+    the beginning of the log, where it would otherwise fail on every batch and every query
+    (one made before layouts were recorded is kept when its tables' columns are this code's).
+    Indexes added since the generation was made are created. For a runner's start, not
+    every round."""
     state = ensure_active(db, projection)
-    if state.layout != layout(projection, postgres=db.is_postgres):
+    current = layout(projection, postgres=db.is_postgres)
+    if state.layout is None and _same_tables(db, projection, state.generation):
+        with db.transaction() as tx:
+            tx.execute(
+                f"UPDATE {STATE_TABLE} SET layout=? WHERE name=? AND generation=?",
+                (current, projection.name, state.generation),
+            )
+        state = ensure_active(db, projection)
+    if state.layout != current:
         log.warning(
             "read model %s: generation %d has other tables than this version writes; "
             "it is dropped and rebuilt from the start of the log",
@@ -233,6 +242,51 @@ def ensure_current(db: ReadModelDB, projection: Projection) -> GenerationState:
     with db.transaction() as tx:
         projection.create_indexes(tx, state.generation)
     return state
+
+
+class _Scratch(Exception):
+    """Rolls back the tables made only to be compared."""
+
+
+# Generation 0 is never a real one (they count from 1): its tables are made to be compared.
+_SCRATCH = 0
+
+
+def _same_tables(db: ReadModelDB, projection: Projection, generation: int) -> bool:
+    """Whether the generation's tables have the columns (names, types, NOT NULL, primary
+    key) that this code's `create_tables` makes: for a generation made before layouts were
+    recorded. The code's tables are made in a transaction that is rolled back."""
+    same = False
+    try:
+        with db.transaction() as tx:
+            projection.create_tables(tx, _SCRATCH)
+            same = all(
+                _columns(tx, mine) == _columns(tx, theirs)
+                for mine, theirs in zip(
+                    projection.tables(_SCRATCH), projection.tables(generation), strict=True
+                )
+            )
+            raise _Scratch
+    except _Scratch:
+        pass
+    return same
+
+
+def _columns(tx: Tx, name: str) -> list[tuple[Any, ...]]:
+    if tx.is_postgres:
+        tx.execute(
+            "SELECT c.column_name, c.data_type, c.is_nullable, "
+            "  c.column_name IN (SELECT k.column_name FROM information_schema.key_column_usage k"
+            "    JOIN information_schema.table_constraints t"
+            "      ON t.constraint_name = k.constraint_name AND t.table_name = k.table_name"
+            "    WHERE t.table_name = ? AND t.constraint_type = 'PRIMARY KEY') "
+            "FROM information_schema.columns c WHERE c.table_name = ? "
+            "AND c.table_schema = current_schema() ORDER BY c.ordinal_position",
+            (name, name),
+        )
+    else:
+        tx.execute('SELECT name, type, "notnull", pk FROM pragma_table_info(?)', (name,))
+    return [tuple(row) for row in tx.fetchall()]
 
 
 def advance(

@@ -772,20 +772,27 @@ def _set_layout(db: ReadModelDB, name: str, value: str | None) -> None:
         tx.execute("UPDATE projection_state SET layout=? WHERE name=?", (value, name))
 
 
+def _live_inbox_with_a_stale_row(world: World) -> tuple[dict[str, list[tuple[Any, ...]]], str]:
+    busy_history(world, customers=5)
+    world.catch_up()
+    live = rows(world.db, active_tables(world.db, InboxView()))
+    (conversations, *_) = active_tables(world.db, InboxView())
+    with world.db.transaction() as tx:
+        tx.execute(f"UPDATE {conversations} SET last_text='stale'")  # no replay writes this
+    return live, conversations
+
+
 @pytest.mark.parametrize("recorded", ["0123456789abcdef", None])
 def test_a_generation_of_other_tables_is_rebuilt_from_the_start(
     world: World, recorded: str | None
 ) -> None:
-    # given a live inbox view whose generation says it has other tables than this code's
-    # (or, made before layouts were recorded, says nothing), with a row this code would not
-    # write
-    busy_history(world, customers=5)
-    world.catch_up()
-    live = rows(world.db, active_tables(world.db, InboxView()))
+    # given a live inbox view whose generation has other tables than this code's: it says
+    # so, or (made before layouts were recorded) it says nothing and has an extra column
+    live, conversations = _live_inbox_with_a_stale_row(world)
     _set_layout(world.db, "inbox", recorded)
-    (conversations, *_) = active_tables(world.db, InboxView())
-    with world.db.transaction() as tx:
-        tx.execute(f"UPDATE {conversations} SET last_text='stale'")
+    if recorded is None:
+        with world.db.transaction() as tx:
+            tx.execute(f"ALTER TABLE {conversations} ADD COLUMN gone TEXT")
     # when a runner starts
     world.catch_up()
     # then the old generation is gone and a new one holds what a replay of the log gives
@@ -795,6 +802,19 @@ def test_a_generation_of_other_tables_is_rebuilt_from_the_start(
     assert states[1].layout == layout(InboxView(), postgres=world.db.is_postgres)
     assert not world.db.table_exists(conversations)
     assert rows(world.db, active_tables(world.db, InboxView())) == live
+
+
+def test_a_generation_from_before_layouts_with_these_tables_is_kept(world: World) -> None:
+    _, conversations = _live_inbox_with_a_stale_row(world)
+    kept = rows(world.db, active_tables(world.db, InboxView()))
+    _set_layout(world.db, "inbox", None)
+    world.catch_up()
+    with world.db.read() as tx:
+        states = generations(tx, "inbox")
+    assert [(s.generation, s.active) for s in states] == [(1, True)]
+    assert states[0].layout == layout(InboxView(), postgres=world.db.is_postgres)
+    assert rows(world.db, active_tables(world.db, InboxView())) == kept  # not replayed
+    assert not world.db.table_exists(conversations.replace("_g1", "_g0"))  # rolled back
 
 
 def test_a_generation_of_these_tables_keeps_its_rows_and_gets_new_indexes(world: World) -> None:
