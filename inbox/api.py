@@ -279,7 +279,7 @@ async def get_conversation(request: Request) -> Response:
             raise ApiError(404, "not_found", f"no conversation {conversation_id} at {as_of}")
         return JSONResponse(past)
     await _off_loop(_in_scope, ctx, principal, conversation_id)
-    await _timeline_caught_up(ctx.read_models)
+    await _timeline_caught_up(ctx.read_models, str(conversation_id))
     item = await _off_loop(timeline.get_conversation, ctx.read_models, str(conversation_id))
     if item is None:
         raise ApiError(404, "not_found", f"no conversation {conversation_id}")
@@ -288,23 +288,23 @@ async def get_conversation(request: Request) -> Response:
 
 # The timeline's runner follows the inbox view's (projections/runner.py), so a conversation's
 # item can be a moment newer than its timeline. A page waits, at most this long, until the
-# timeline has applied all the inbox view had when the page was asked for.
+# timeline has applied the last event that changed the item.
 _TIMELINE_WAIT = 2.0
 
 
-def _inbox_and_timeline_positions(db: ReadModelDB) -> tuple[int, int]:
+def _item_and_timeline_positions(db: ReadModelDB, conversation_id: str) -> tuple[int, int]:
     with db.read() as tx:
-        active = tracking.active_positions(tx)
-    inbox_at = active.get(inbox_view.NAME, 0)
-    return inbox_at, active.get(timeline.NAME, inbox_at)
+        item_at = inbox_view.item_position(tx, conversation_id)
+        timeline_at = tracking.active_positions(tx).get(timeline.NAME, item_at)
+    return item_at, timeline_at
 
 
-async def _timeline_caught_up(db: ReadModelDB) -> None:
-    inbox_at, timeline_at = await _off_loop(_inbox_and_timeline_positions, db)
+async def _timeline_caught_up(db: ReadModelDB, conversation_id: str) -> None:
+    item_at, timeline_at = await _off_loop(_item_and_timeline_positions, db, conversation_id)
     deadline = time.monotonic() + _TIMELINE_WAIT
-    while timeline_at < inbox_at and time.monotonic() < deadline:
+    while timeline_at < item_at and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
-        _, timeline_at = await _off_loop(_inbox_and_timeline_positions, db)
+        _, timeline_at = await _off_loop(_item_and_timeline_positions, db, conversation_id)
 
 
 async def conversation_events(request: Request) -> Response:

@@ -68,6 +68,7 @@ _CONV_COLUMNS = (
     "offered_to",
     "first_response_at",
     "cycle_started_at",
+    "position",
 )
 # Positions in a conversation row (a list, in memory, in `_CONV_COLUMNS` order).
 CUSTOMER_ID = 1
@@ -92,6 +93,9 @@ EVENTS = 19
 OFFERED_TO = 20
 FIRST_RESPONSE_AT = 21
 CYCLE_STARTED_AT = 22
+# The notification id of the last event that changed the row: a conversation's page waits
+# for the timeline to reach it (inbox/api.py).
+POSITION = 23
 _CUST_COLUMNS = ("id", "name", "identities", "merged_into", "created_at", "updated_at")
 _CLAIM_COLUMNS = ("claim_id", "key", "customer_id")
 _CHUNK = 500
@@ -172,7 +176,7 @@ class InboxView:
             "waiting_since TEXT, sla_due_at TEXT, opened_at TEXT NOT NULL, "
             "updated_at TEXT NOT NULL, resolved_at TEXT, previous_id TEXT, "
             "events INTEGER NOT NULL, offered_to TEXT, first_response_at TEXT, "
-            "cycle_started_at TEXT)" + clustered
+            "cycle_started_at TEXT, position BIGINT NOT NULL)" + clustered
         )
         tx.execute(
             f"CREATE TABLE IF NOT EXISTS {cust} (id TEXT PRIMARY KEY, name TEXT, "
@@ -287,6 +291,7 @@ class _Batch:
         self.custs = cache.custs
         self.claims = cache.claims
         self.dirty_convs: set[str] = set()
+        self.position = 0  # of the event being applied
         # rows whose sla_due_at is computed since they last changed (see queue_defined)
         self.sla_done: set[str] = set()
         self.dirty_custs: set[str] = set()
@@ -330,8 +335,13 @@ class _Batch:
         self._prefetch(events)
         handlers = self.handlers
         for event in events:
+            self.position = event.notification_id
             handlers[event.name](event)
         self._write()
+
+    def _changed(self, conv_id: str, row: list[Any]) -> None:
+        row[POSITION] = self.position
+        self.dirty_convs.add(conv_id)
 
     def _prefetch(self, events: Sequence[Event]) -> None:
         """Reads, in a few queries, every existing row the batch will touch."""
@@ -499,7 +509,7 @@ class _Batch:
         if update and at > row[UPDATED_AT]:
             row[UPDATED_AT] = at
         row[EVENTS] += 1
-        self.dirty_convs.add(e.originator_id)
+        self._changed(e.originator_id, row)
         self.sla_done.discard(e.originator_id)
         return row
 
@@ -530,6 +540,7 @@ class _Batch:
             None,  # offered_to
             None,  # first_response_at
             at,  # cycle_started_at
+            e.notification_id,  # position
         ]
         self.dirty_convs.add(e.originator_id)
 
@@ -695,7 +706,7 @@ class _Batch:
             row = self._conv(conv_id)
             if row is not None and row[LAST_TEXT]:
                 row[LAST_TEXT] = "[forgotten]"
-                self.dirty_convs.add(conv_id)
+                self._changed(conv_id, row)
         self.tx.execute(f"DELETE FROM {self.claim_table} WHERE customer_id=?", (e.originator_id,))
         for claim_id in [k for k, c in self.claims.items() if c["customer_id"] == e.originator_id]:
             del self.claims[claim_id]
@@ -706,7 +717,7 @@ class _Batch:
             row = self._conv(conv_id)
             if row is not None:
                 row[OWNER_ID] = owner
-                self.dirty_convs.add(conv_id)
+                self._changed(conv_id, row)
 
     def merged(self, e: Event) -> None:
         cust = self._customer_event(e)
@@ -1092,6 +1103,17 @@ def get_item(tx: Tx, conversation_id: str) -> dict[str, Any] | None:
     )
     row = tx.fetchone()
     return None if row is None else _item(row)
+
+
+def item_position(tx: Tx, conversation_id: str) -> int:
+    """The notification id of the last event that changed a conversation's item (0 when
+    there is none)."""
+    tables = _tables(tx)
+    if tables is None:
+        return 0
+    tx.execute(f"SELECT position FROM {tables[0]} WHERE id=?", (conversation_id,))
+    row = tx.fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def conversations_of(tx: Tx, owner_id: str) -> list[dict[str, Any]]:

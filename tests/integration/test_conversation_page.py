@@ -20,9 +20,10 @@ from inbox.ingest import Ingestor
 from infra import composition
 from infra.broker import free_port
 from infra.store import ContactEventRow
-from projections.inbox_view import InboxView
+from projections.inbox_view import InboxView, item_position, list_conversations
 from projections.runner import ProjectionRunner
 from projections.timeline import Timeline
+from projections.tracking import active_positions
 from tests.conftest import SettingsFactory
 from tests.support import serving
 
@@ -37,13 +38,13 @@ class Page:
         self.ingestor = Ingestor(parts.store)
         self.offset = 0
 
-    def message(self, event_id: str, minute: float) -> None:
+    def message(self, event_id: str, minute: float, email: str = "ann@example.org") -> None:
         raw = ContactEvent(
             event_id=event_id,
             occurred_at=T0 + timedelta(minutes=minute),
             channel="email",
             type="message.received",
-            customer=CustomerRef(email="ann@example.org"),
+            customer=CustomerRef(email=email),
             payload={"text": f"text of {event_id}"},
         )
         event = validate(raw, now=T0 + timedelta(days=1))
@@ -58,7 +59,7 @@ class Page:
 
     async def texts(self) -> list[str]:
         listed = (await self.client.get("/api/v1/conversations")).json()["items"]
-        (item,) = listed
+        item = next(i for i in listed if i["customer"]["identities"] == ["email:ann@example.org"])
         page: dict[str, Any] = (await self.client.get(f"/api/v1/conversations/{item['id']}")).json()
         assert page["last_message"]["text"] == "text of m2"
         return [e["text"] for e in page["timeline"] if e["kind"] == "message"]
@@ -78,6 +79,7 @@ async def page(database_url: str, settings: SettingsFactory) -> AsyncIterator[Pa
         ):
             p = Page(parts, client)
             p.message("m1", 0)
+            p.message("b1", 0.5, email="bob@example.org")
             p.project(InboxView(), Timeline())
             p.message("m2", 1)
             p.project(InboxView())  # the lead has m2, its follower not yet
@@ -102,3 +104,16 @@ async def test_the_page_waits_for_the_timeline_to_reach_the_inbox_item(page: Pag
 async def test_a_timeline_that_never_catches_up_holds_the_page_only_briefly(page: Page) -> None:
     # No runner: after its wait the page shows what there is rather than fail.
     assert await page.texts() == ["text of m1"]
+
+
+def test_only_an_item_changed_after_the_timeline_s_position_waits(page: Page) -> None:
+    # Bob's conversation has not changed since the timeline's position, Ann's has (m2): only
+    # Ann's page waits while the timeline trails the inbox view.
+    with page.parts.read_models.read() as tx:
+        timeline_at = active_positions(tx)["timeline"]
+        items = {
+            item["customer"]["identities"][0]: item_position(tx, item["id"])
+            for item in list_conversations(page.parts.read_models)["items"]
+        }
+        assert item_position(tx, "no-such-conversation") == 0
+    assert items["email:bob@example.org"] <= timeline_at < items["email:ann@example.org"]

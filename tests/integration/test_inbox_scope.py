@@ -61,6 +61,7 @@ def put(db: ReadModelDB, rows: list[Row]) -> None:
         "escalated": 0,
         "opened_at": "2026-11-01T00:00:00.000000Z",
         "events": 1,
+        "position": 1,
     }
     with db.transaction() as tx:
         table = active_table(tx, NAME, CONVERSATIONS)
