@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -147,6 +148,14 @@ def _sla_actions(value: Any) -> dict[str, list[str]]:
     return actions
 
 
+# An agent's token is checked against their aggregate, which every presence change makes
+# longer (2,000 events: 27 ms a request). The answer is kept this long: a token replaced, or
+# a role or skills changed, through another process takes effect within it (through this
+# Directory, at once).
+AUTH_TTL = 2.0
+_AUTH_KEEP = 10_000  # tokens remembered at most (valid ones only)
+
+
 class Directory:
     """Registers agents, defines queues, changes presence, and authenticates tokens."""
 
@@ -157,11 +166,14 @@ class Directory:
         admin_token: str,
         clock: Clock = system_clock,
         new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.admin_token = admin_token
         self.clock = clock
         self.new_secret = new_secret
+        self.monotonic = monotonic
+        self._authenticated: dict[str, tuple[Principal, float]] = {}
 
     def _at(self) -> str:
         return iso(self.clock())
@@ -195,7 +207,14 @@ class Directory:
             self.store.save(agent)
             return agent
 
-        return retrying(decide)
+        changed = retrying(decide)
+        self._forget_tokens_of(agent_id)
+        return changed
+
+    def _forget_tokens_of(self, agent_id: str) -> None:
+        prefix = f"{agent_id}."
+        for token in [t for t in self._authenticated if t.startswith(prefix)]:
+            self._authenticated.pop(token, None)
 
     def change_profile(self, agent_id: str, profile: Mapping[str, Any], *, actor: str) -> Agent:
         return self._retrying(
@@ -231,10 +250,19 @@ class Directory:
         agent_id, dot, secret = token.rpartition(".")
         if not dot or not agent_id or not secret:
             return None
+        now = self.monotonic()
+        kept = self._authenticated.get(token)
+        if kept is not None and kept[1] > now:
+            return kept[0]
         agent = self.agent(agent_id)
         if agent is None or not hmac.compare_digest(agent.token_hash, token_hash(token)):
+            self._authenticated.pop(token, None)
             return None
-        return Principal(agent.agent_id, agent.role, frozenset(agent.skills))
+        principal = Principal(agent.agent_id, agent.role, frozenset(agent.skills))
+        if len(self._authenticated) >= _AUTH_KEEP:
+            self._authenticated.clear()
+        self._authenticated[token] = (principal, now + AUTH_TTL)
+        return principal
 
     # -- queues ----------------------------------------------------------------------------
 
