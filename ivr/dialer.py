@@ -156,16 +156,10 @@ class _Callback:
 class _Connected:
     """A completed callback call whose `call.answered` / `call.ended` are to be published."""
 
-    callback: str
-    conversation_id: str
-    number: str
-    queue: str
-    requested_at: str
-    requested_call_sid: str | None
+    callback: _Callback
     attempt: int
     call_sid: str
     agent: str
-    completed_at: str
     status: CallStatus | None = None  # from the poll that saw it end; None: fetch it
     not_before: float = 0.0  # clock seconds: Twilio or Kafka failed, try again then
 
@@ -368,18 +362,7 @@ class CallbackDialer:
             return
         if parse_iso(s["at"]) < self.clock() - self.announce_within:
             return
-        self._connected[s["call_sid"]] = _Connected(
-            callback=cb.id,
-            conversation_id=cb.conversation_id,
-            number=cb.number,
-            queue=cb.queue,
-            requested_at=cb.requested_at,
-            requested_call_sid=cb.requested_call_sid,
-            attempt=s["attempt"],
-            call_sid=s["call_sid"],
-            agent=s["agent"],
-            completed_at=s["at"],
-        )
+        self._connected[s["call_sid"]] = _Connected(cb, s["attempt"], s["call_sid"], s["agent"])
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -643,7 +626,7 @@ class CallbackDialer:
                     continue
             try:
                 customer = await asyncio.to_thread(
-                    conversation_customer, self.store, connected.conversation_id
+                    conversation_customer, self.store, connected.callback.conversation_id
                 )
             except LookupError as exc:  # nobody to file it under: it cannot be told
                 log.warning("callback call %s: %s", connected.call_sid, exc)
@@ -696,14 +679,15 @@ def call_events(
     Times from Twilio: the call ended at `end_time` (else now) and was answered `duration`
     seconds before (Twilio's duration of a placed call runs from the answer). Talk time is
     that whole duration: the greeting before the agent's leg is a few seconds of it."""
+    cb = connected.callback
     duration = max(0, round(status.duration or 0))
     ended_at = status.ended_at or now
     answered_at = ended_at - timedelta(seconds=duration)
-    waited = max(0.0, (answered_at - parse_iso(connected.requested_at)).total_seconds())
-    marks: dict[str, Any] = {"direction": "outbound", "callback_id": connected.callback}
-    if connected.requested_call_sid:
-        marks["requested_call_sid"] = connected.requested_call_sid
-    thread = ThreadRef(ref=conversation_token(connected.conversation_id))
+    waited = max(0.0, (answered_at - parse_iso(cb.requested_at)).total_seconds())
+    marks: dict[str, Any] = {"direction": "outbound", "callback_id": cb.id}
+    if cb.requested_call_sid:
+        marks["requested_call_sid"] = cb.requested_call_sid
+    thread = ThreadRef(ref=conversation_token(cb.conversation_id))
 
     def event(kind: Any, suffix: str, at: datetime, **payload: Any) -> ContactEvent:
         return ContactEvent(
@@ -720,11 +704,11 @@ def call_events(
         "call.answered",
         "answered",
         answered_at,
-        queue=connected.queue,
+        queue=cb.queue,
         agent=connected.agent,
         # the wait of the customer who kept their place: since they asked for the callback
         queue_seconds=round(waited, 3),
-        number=connected.number,
+        number=cb.number,
         attempt=connected.attempt,
     )
     ended = event(
@@ -732,7 +716,7 @@ def call_events(
         "ended",
         ended_at,
         ended_in="agent",
-        queue=connected.queue,
+        queue=cb.queue,
         agent=connected.agent,
         talk_seconds=duration,
         hold_seconds=0,  # holds by the agent are not visible to us
