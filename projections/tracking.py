@@ -113,6 +113,7 @@ def active_table(tx: Tx, projection: str, table: str) -> str | None:
 
 def new_generation(db: ReadModelDB, projection: Projection, *, active: bool) -> GenerationState:
     """Creates the next generation's row and tables (with indexes when it starts active)."""
+    fingerprint = layout(projection, postgres=db.is_postgres)
     for _ in range(5):
         try:
             with db.transaction() as tx:
@@ -132,7 +133,7 @@ def new_generation(db: ReadModelDB, projection: Projection, *, active: bool) -> 
                         int(active),
                         started,
                         started if active else None,
-                        layout(projection, postgres=tx.is_postgres),
+                        fingerprint,
                         started,
                     ),
                 )
@@ -147,7 +148,7 @@ def new_generation(db: ReadModelDB, projection: Projection, *, active: bool) -> 
                 started,
                 started if active else None,
                 None,
-                layout(projection, postgres=db.is_postgres),
+                fingerprint,
             )
         except IntegrityError:
             continue  # another process took this generation number at the same moment
