@@ -28,6 +28,7 @@ from inbox import audit, telemetry
 from inbox.access import Principal, can_work_on
 from inbox.agents import AlreadyExists, Directory, InvalidSpec, agent_profile, queue_spec
 from inbox.commands import Commands, NotFound
+from inbox.contact import CHANNELS
 from inbox.domain.conversation import Conversation
 from inbox.domain.errors import ConversationStateError, CustomerMergeError, DomainError
 from inbox.domain.time import parse_instant
@@ -200,7 +201,6 @@ async def _hot_read(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 _STATUSES = {"open", "pending", "resolved", "all"}
-_CHANNELS = {"email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat"}
 
 
 def _list_filters(params: Mapping[str, str]) -> dict[str, Any]:
@@ -212,8 +212,8 @@ def _list_filters(params: Mapping[str, str]) -> dict[str, Any]:
         filters["status"] = status
     channel = params.get("channel")
     if channel is not None:
-        if channel not in _CHANNELS:
-            raise ApiError(422, "invalid", f"channel must be one of {', '.join(sorted(_CHANNELS))}")
+        if channel not in CHANNELS:
+            raise ApiError(422, "invalid", f"channel must be one of {', '.join(sorted(CHANNELS))}")
         filters["channel"] = channel
     for name in ("assignee", "queue"):
         if params.get(name):
@@ -418,7 +418,7 @@ async def conversation_command(request: Request) -> Response:
     return _changed(conversation, 201 if command == "notes" else 200)
 
 
-_REPLY_CHANNELS = _CHANNELS - {"voice"}
+_REPLY_CHANNELS = CHANNELS - {"voice"}
 
 
 async def reply(request: Request) -> Response:
