@@ -212,8 +212,7 @@ class Directory:
         return changed
 
     def _forget_tokens_of(self, agent_id: str) -> None:
-        prefix = f"{agent_id}."
-        for token in [t for t in self._authenticated if t.startswith(prefix)]:
+        for token in [t for t in self._authenticated if t.rpartition(".")[0] == agent_id]:
             self._authenticated.pop(token, None)
 
     def change_profile(self, agent_id: str, profile: Mapping[str, Any], *, actor: str) -> Agent:
