@@ -9,8 +9,8 @@ a projection may keep rows in memory between batches for as long as nobody else 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from projections.db import Tx
 
@@ -46,6 +46,24 @@ class Projection(Protocol):
 
     def forget(self) -> None:
         """The last `apply` was rolled back: drop whatever was kept in memory."""
+
+
+@runtime_checkable
+class Pipelined(Projection, Protocol):
+    """A projection that decides a batch's changes apart from writing them, so that a long
+    rebuild can write one batch in a second process while it decides the next
+    (`projections.pipeline`). `apply` is `write(tx, generation, prepare(...))`."""
+
+    def prepare(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> Any:
+        """What `events` change, from the state kept since `committed` (rows it does not hold
+        read through `tx`); `committed` or `forget` follows as after `apply`."""
+
+    def remembers(self, generation: int, position: int) -> bool:
+        """Whether `prepare` at `position` starts from state kept in memory; if not, it reads
+        the tables, which must then hold every earlier batch's writes."""
+
+    # Writes what `prepare` returned: a function of a module, so it can be pickled by name.
+    write: Callable[[Tx, int, Any], None]
 
 
 def table(name: str, generation: int) -> str:

@@ -117,6 +117,8 @@ class ReadModelDB:
         if (sqlite_path is None) == (postgres_url is None):
             raise ValueError("give exactly one of sqlite_path and postgres_url")
         self.is_postgres = postgres_url is not None
+        # How to open the same database elsewhere: `ReadModelDB(**db.location)`.
+        self.location: dict[str, Any] = {"sqlite_path": sqlite_path, "postgres_url": postgres_url}
         self._sqlite_path = sqlite_path
         self._local = threading.local()
         self._lock = threading.Lock()

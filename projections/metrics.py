@@ -27,6 +27,7 @@ changed row is written once (one upsert that adds).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from itertools import pairwise
@@ -162,6 +163,37 @@ def _upsert_sql(table_name: str, key: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What one batch changes: its state rows as (kind, id, JSON) and its counters' deltas."""
+
+    states: list[tuple[str, str, str]]
+    deltas: dict[Key, dict[int, int]]
+
+
+def write_changes(tx: Tx, generation: int, changes: Changes) -> None:
+    """Writes a batch's `Changes`: each state row replaced, each counter row's sums added to
+    (the rows of every roll-up of the deltas; see `roll_up`)."""
+    tx.executemany(
+        f"INSERT INTO {table(STATE, generation)} (kind, id, data) VALUES (?, ?, ?) "
+        "ON CONFLICT (kind, id) DO UPDATE SET data=excluded.data",
+        changes.states,
+    )
+    cube, hours = roll_up(changes.deltas)
+    # In the order the batch first touched them (about time order): sorting them in
+    # primary-key order made no difference to SQLite here, and cost a second per million.
+    for rows_of, name, key in (
+        (cube, COUNTS, "channel, queue, slot"),
+        (hours, HOURLY, "channel, queue, hour"),
+    ):
+        everyone = [[c, q, t, *v] for (c, q, a, t), v in rows_of.items() if a == ALL]
+        tx.executemany(_upsert_sql(table(name, generation), key), everyone)
+    agents = [[a, slot, c, q, *v] for (c, q, a, slot), v in cube.items() if a != ALL]
+    tx.executemany(_upsert_sql(table(AGENTS, generation), "agent, slot, channel, queue"), agents)
+    agent_hours = [[a, hour, *v] for (_, _, a, hour), v in hours.items() if a != ALL]
+    tx.executemany(_upsert_sql(table(AGENT_HOURS, generation), "agent, hour"), agent_hours)
+
+
 class Metrics:
     """The projection (see the module doc)."""
 
@@ -237,13 +269,30 @@ class Metrics:
         """None: the primary keys are what the writes and the queries use."""
 
     def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
-        cache = self._cache
-        if cache is None or cache.generation != generation or cache.position != position:
+        write_changes(tx, generation, self.prepare(tx, generation, events, position=position))
+
+    def prepare(
+        self, tx: Tx, generation: int, events: Sequence[Event], *, position: int
+    ) -> Changes:
+        """What `events` change: the state rows and the counters' deltas, decided from the
+        state kept since `committed` (else read through `tx`), written by `write`."""
+        if not self.remembers(generation, position):
             # Someone else moved this generation (or we kept nothing): start from the tables.
             # At position 0 the tables are empty, so the cache is complete from the start.
-            cache = _Cache(generation, position, complete=position == 0)
-        self._cache, self._pending = None, cache
-        _Batch(tx, self.tables(generation), cache).run(events)
+            self._cache = _Cache(generation, position, complete=position == 0)
+        cache, self._cache = self._cache, None
+        assert cache is not None
+        self._pending = cache  # kept by `committed`
+        return _Batch(tx, table(STATE, generation), cache).run(events)
+
+    def remembers(self, generation: int, position: int) -> bool:
+        """Whether `prepare` at `position` starts from the state kept in memory (rows it does
+        not hold were not changed by this process since it read them)."""
+        cache = self._cache
+        return cache is not None and cache.generation == generation and cache.position == position
+
+    # A function of the module, so that a rebuild's writer process gets it by name.
+    write = staticmethod(write_changes)
 
     def committed(self, generation: int, position: int) -> None:
         cache, self._pending = self._pending, None
@@ -335,15 +384,9 @@ def _sum_into(rows: dict[Key, list[int]], key: Key, counters: list[int]) -> None
 
 
 class _Batch:
-    def __init__(self, tx: Tx, tables: list[str], cache: _Cache) -> None:
+    def __init__(self, tx: Tx, state_table: str, cache: _Cache) -> None:
         self.tx = tx
-        (
-            self.counts_table,
-            self.state_table,
-            self.agents_table,
-            self.hourly_table,
-            self.agent_hours_table,
-        ) = tables
+        self.state_table = state_table
         self.cache = cache
         self.rows = cache.rows
         self.dirty: set[tuple[str, str]] = set()
@@ -373,13 +416,17 @@ class _Batch:
 
     # -- state rows ---------------------------------------------------------------------
 
-    def run(self, events: Sequence[Event]) -> None:
+    def run(self, events: Sequence[Event]) -> Changes:
         if not self.cache.complete:
             self._prefetch(events)
         handlers = self.handlers
         for event in events:
             handlers[event.name](event)
-        self._write()
+        rows = self.rows
+        return Changes(
+            [(k, i, orjson.dumps(rows[k][i]).decode()) for k, i in sorted(self.dirty)],
+            self.deltas,
+        )
 
     def _prefetch(self, events: Sequence[Event]) -> None:
         """The state rows a batch will most likely touch, read in a few queries."""
@@ -424,27 +471,6 @@ class _Batch:
 
     def touch(self, kind: str, row_id: str) -> None:
         self.dirty.add((kind, row_id))
-
-    def _write(self) -> None:
-        rows = self.rows
-        self.tx.executemany(
-            f"INSERT INTO {self.state_table} (kind, id, data) VALUES (?, ?, ?) "
-            "ON CONFLICT (kind, id) DO UPDATE SET data=excluded.data",
-            [(k, i, orjson.dumps(rows[k][i]).decode()) for k, i in sorted(self.dirty)],
-        )
-        cube, hours = roll_up(self.deltas)
-        # In the order the batch first touched them (about time order): sorting them in
-        # primary-key order made no difference to SQLite here, and cost a second per million.
-        for rows_of, table_name, key in (
-            (cube, self.counts_table, "channel, queue, slot"),
-            (hours, self.hourly_table, "channel, queue, hour"),
-        ):
-            everyone = [[c, q, t, *v] for (c, q, a, t), v in rows_of.items() if a == ALL]
-            self.tx.executemany(_upsert_sql(table_name, key), everyone)
-        agents = [[a, slot, c, q, *v] for (c, q, a, slot), v in cube.items() if a != ALL]
-        self.tx.executemany(_upsert_sql(self.agents_table, "agent, slot, channel, queue"), agents)
-        agent_hours = [[a, hour, *v] for (_, _, a, hour), v in hours.items() if a != ALL]
-        self.tx.executemany(_upsert_sql(self.agent_hours_table, "agent, hour"), agent_hours)
 
     # -- counters -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ transaction: N inactive, N+1 active, conditional on N+1's position) and drops N'
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from inbox.domain.sla import SlaPolicy
 from infra.settings import Settings
 from infra.store import EventStore, open_event_store
-from projections.base import Projection
+from projections.base import Pipelined, Projection
 from projections.contacts_weekly import ContactsWeekly
 from projections.db import ReadModelDB, open_read_models
 from projections.directory import DirectoryView, list_queues
 from projections.escalations import Escalations
 from projections.inbox_view import InboxView
 from projections.metrics import Metrics
+from projections.pipeline import Writer
 from projections.runner import LogSource, ProjectionRunner, apply_batch, gc_paused, read_log
 from projections.timeline import Timeline
 from projections.tracking import (
@@ -41,7 +43,12 @@ from projections.tracking import (
     now,
 )
 
+log = logging.getLogger(__name__)
+
 COLLECT_EVERY = 200_000  # events between full collections in a rebuild
+# A rebuild this many batches or more behind the log writes in a second process (when its
+# projection can: `Pipelined`); starting that process costs about half a second.
+PIPELINE_AFTER = 2
 
 PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "inbox": InboxView,
@@ -64,6 +71,7 @@ class ReplayResult:
     events: int  # notifications replayed by this call
     position: int
     seconds: float
+    pipelined: bool = False  # written by a second process (`projections.pipeline`)
 
 
 def projection(name: str) -> Projection:
@@ -93,7 +101,7 @@ def rebuild(
     *,
     from_start: bool,
     progress: Progress | None = None,
-    batch_size: int = 20_000,
+    batch_size: int = 50_000,
     build: Callable[[], Projection] | None = None,
 ) -> ReplayResult:
     """Rebuilds projection `name` into a new generation and swaps it in.
@@ -121,33 +129,64 @@ def rebuild(
     generation, position = target.generation, target.position
     replayed = 0
     collected = 0
+    writer: Writer | None = None
+    pipelined = False
     # The cycle collector stays off for the whole rebuild but for a full collection every
     # COLLECT_EVERY events, after which the survivors are frozen out of its sight: turned on
     # between batches it walked all a batch left behind, again and again as it aged; fully
     # off, the cyclic garbage of 1 M events held ~260 MB until the end.
-    with gc_paused(), _unfrozen_after():
-        while True:
-            notifications = read_log(store, position, batch_size)
-            if notifications:
+    try:
+        with gc_paused(), _unfrozen_after():
+            while True:
+                notifications = read_log(store, position, batch_size)
                 try:
-                    position = apply_batch(
-                        db, proj, generation, position, notifications, require_active=False
-                    )
+                    if (
+                        writer is None
+                        and isinstance(proj, Pipelined)
+                        and store.max_notification_id() - position > PIPELINE_AFTER * batch_size
+                    ):
+                        writer = Writer(db, proj, name, generation)
+                        pipelined = True
+                    if writer is not None:
+                        position = writer.apply(position, notifications)
+                    elif notifications:
+                        position = apply_batch(
+                            db, proj, generation, position, notifications, require_active=False
+                        )
+                    if len(notifications) < batch_size and writer is not None:
+                        writer.drain()
                 except PositionConflict:
+                    # Another rebuild of this generation moved it: go on from where it is.
+                    if writer is not None:
+                        writer.close()
+                        writer = None
+                    proj.forget()
                     position = _position(db, name, generation)
+                    log.info(
+                        "%s generation %d moved by another writer to %d: going on",
+                        name,
+                        generation,
+                        position,
+                    )
                     continue
                 replayed += len(notifications)
                 if replayed - collected >= COLLECT_EVERY:
                     gc.collect()
                     gc.freeze()  # the next collection walks only what came after
                     collected = replayed
-            if progress is not None:
-                progress(position, max(position, store.max_notification_id()))
-            if len(notifications) < batch_size:
-                swapped, previous = _swap(db, proj, generation, position)
-                if swapped:
-                    break
-                position = _position(db, name, generation)  # moved by another writer: go on
+                if progress is not None:
+                    progress(position, max(position, store.max_notification_id()))
+                if len(notifications) < batch_size:
+                    swapped, previous = _swap(db, proj, generation, position)
+                    if swapped:
+                        break
+                    position = _position(db, name, generation)  # moved by another writer
+    except BaseException:
+        proj.forget()
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
     if previous is not None:
         drop_generation(db, proj, previous)
     return ReplayResult(
@@ -157,6 +196,7 @@ def rebuild(
         events=replayed,
         position=position,
         seconds=time.monotonic() - started,
+        pipelined=pipelined,
     )
 
 
