@@ -389,9 +389,16 @@ class _Batch:
         self.state_table = state_table
         self.cache = cache
         self.rows = cache.rows
+        self.conversations = cache.rows["c"]
         self.dirty: set[tuple[str, str]] = set()
         self.deltas: dict[Key, dict[int, int]] = {}  # sparse: an event touches few columns
-        self.handlers: dict[str, Callable[[Event], None]] = {
+
+    # -- state rows ---------------------------------------------------------------------
+
+    def run(self, events: Sequence[Event]) -> Changes:
+        if not self.cache.complete:
+            self._prefetch(events)
+        handlers: dict[str, Callable[[Event], None]] = {
             "Conversation.Opened": self.opened,
             "Conversation.MessageReceived": self.message_received,
             "Conversation.ActivityRecorded": self.activity,
@@ -413,13 +420,6 @@ class _Batch:
             "Callback.Failed": self.callback_failed,
             "Callback.Cancelled": self.callback_cancelled,
         }
-
-    # -- state rows ---------------------------------------------------------------------
-
-    def run(self, events: Sequence[Event]) -> Changes:
-        if not self.cache.complete:
-            self._prefetch(events)
-        handlers = self.handlers
         for event in events:
             handlers[event.name](event)
         rows = self.rows
@@ -594,9 +594,11 @@ class _Batch:
     # -- conversations ------------------------------------------------------------------
 
     def conv(self, e: Event) -> dict[str, Any] | None:
-        row = self.get("c", e.originator_id)
+        # (`get` and `touch` inline: called for nearly every event)
+        row_id = e.originator_id
+        row = self.conversations.get(row_id) or self.get("c", row_id)
         if row is not None:
-            self.touch("c", e.originator_id)
+            self.dirty.add(("c", row_id))
         return row
 
     def opened(self, e: Event) -> None:
