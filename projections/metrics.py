@@ -20,8 +20,10 @@ Tables (generation N):
   callbacks (`b`) and queues with their SLA calendar (`q`).
 
 A batch is applied in memory: state rows are loaded once (or kept from earlier batches while
-nobody else wrote the generation), counter deltas are summed per key, rolled up, and each
-changed row is written once (one upsert that adds).
+nobody else wrote the generation), counter deltas are summed per key (`Metrics.prepare`),
+rolled up, and each changed row is written once (one upsert that adds: `write_changes`). The
+two halves run in one transaction live, and in two processes in a long rebuild
+(`projections/pipeline.py`).
 """
 
 from __future__ import annotations
