@@ -317,8 +317,10 @@ def drop_generation(db: ReadModelDB, projection: Projection, generation: int) ->
 
 
 def positions(db: ReadModelDB) -> dict[str, int]:
-    """The position of each projection's active generation (for `inbox_projection_position`)."""
-    ensure_state_table(db)
+    """The position of each projection's active generation (for `inbox_projection_position`).
+    Only reads: a scrape must not queue behind a projection's batch for the write lock."""
+    if not db.table_exists(STATE_TABLE):
+        return {}
     with db.read() as tx:
         return active_positions(tx)
 

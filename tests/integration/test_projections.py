@@ -29,7 +29,13 @@ from projections.inbox_view import InboxView, QueryError, get_customer, list_con
 from projections.replay import PROJECTIONS, rebuild
 from projections.runner import Lead, ProjectionRunner
 from projections.timeline import Timeline, get_conversation
-from projections.tracking import active_generation, ensure_state_table, generations, layout
+from projections.tracking import (
+    active_generation,
+    ensure_state_table,
+    generations,
+    layout,
+    positions,
+)
 from tests.conftest import SettingsFactory
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -881,3 +887,17 @@ def test_an_unfinished_rebuild_of_other_tables_is_not_resumed(world: World) -> N
             (2, False),
             (3, True),
         ]
+
+
+def test_reading_the_positions_never_waits_for_a_writer(world: World) -> None:
+    """Prometheus reads the positions on every scrape: that must not queue behind a
+    projection's batch for the write lock (on SQLite it waited up to 30 s, then failed)."""
+    assert positions(world.db) == {}  # no projection has run yet
+    world.ingest(contact("one", 1, email="one@example.com"))
+    world.catch_up()
+    expected = positions(world.db)
+    assert set(expected) == {"inbox", "timeline"}
+    assert all(p == world.store.max_notification_id() for p in expected.values())
+    with ReadModelDB(**world.db.location) as other, other.transaction() as tx:
+        tx.execute("UPDATE projection_state SET updated_at=updated_at")  # holds the write lock
+        assert positions(world.db) == expected
