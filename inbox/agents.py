@@ -20,6 +20,7 @@ from eventsourcing.persistence import IntegrityError
 
 from inbox.access import BUILTIN_ADMIN, Principal
 from inbox.commands import retrying
+from inbox.contact import CHANNELS
 from inbox.domain import ids
 from inbox.domain.agent import PRESENCES, Agent, AgentError, check_profile
 from inbox.domain.errors import DomainError
@@ -31,7 +32,6 @@ from inbox.ports import EventStorePort
 
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-CHANNELS = frozenset({"email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat"})
 # "messaging" is the capacity shared by the text channels an agent has no own number for
 CAPACITY_KEYS = CHANNELS | {"messaging"}
 

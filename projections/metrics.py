@@ -34,10 +34,11 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from itertools import pairwise
 from operator import add
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 
+from inbox.contact import Channel
 from inbox.domain.business_hours import BusinessHours
 from inbox.domain.sla import SlaPolicy, SlaPolicyError
 from projections.base import Event, table
@@ -50,7 +51,8 @@ HOURLY = "metrics_hourly"
 AGENT_HOURS = "metrics_agent_hours"
 STATE = "metrics_state"
 
-CHANNELS = ("email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat")
+# In the contract's order: the order of the volume columns.
+CHANNELS: tuple[str, ...] = get_args(Channel)
 ALL = "*"
 NONE = ""
 # "Answered within T" is kept for these T (seconds): a query's service level picks one.
