@@ -46,7 +46,7 @@ from projections.tracking import (
 log = logging.getLogger(__name__)
 
 COLLECT_EVERY = 200_000  # events between full collections in a rebuild
-# A rebuild this many batches or more behind the log writes in a second process (when its
+# A rebuild more than this many batches behind the log writes in a second process (when its
 # projection can: `Pipelined`); starting that process costs about half a second.
 PIPELINE_AFTER = 2
 
