@@ -5,7 +5,7 @@ follow the time zone (DST days of 23 and 25 hours, a +05:45 zone) and its edges.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,9 +17,8 @@ from inbox.domain.conversation import Conversation
 from inbox.domain.errors import DomainError
 from inbox.domain.queue import Queue
 from inbox.domain.time import iso
-from infra.store import open_event_store
 from projections.base import table
-from projections.db import ReadModelDB, open_read_models
+from projections.db import ReadModelDB
 from projections.inbox_view import QueryError
 from projections.metrics import (
     AGENT_HOURS,
@@ -37,7 +36,6 @@ from projections.metrics_query import counters, kpis, metrics
 from projections.replay import PROJECTIONS, rebuild
 from projections.runner import ProjectionRunner
 from projections.tracking import active_generation
-from tests.conftest import SettingsFactory
 from tests.integration.test_metrics_day import Day
 
 T0 = datetime(2026, 3, 28, 12, 0, tzinfo=UTC)  # Berlin moves its clocks on the 29th
@@ -48,18 +46,6 @@ BERLIN_SLA = {
 }
 AGENTS = ("ann", "bob", "cyd")
 QUEUES = ("support", "billing")  # every agent row has one of them here
-
-
-@pytest.fixture
-def day(database_url: str, settings: SettingsFactory) -> Iterator[Day]:
-    config = settings(database_url, bootstrap=None)
-    store = open_event_store(config)
-    db = open_read_models(config)
-    try:
-        yield Day(store, db)
-    finally:
-        db.close()
-        store.close()
 
 
 def traffic(day: Day, seed: int, conversations: int = 40) -> None:

@@ -9,34 +9,18 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Iterator
 
 import pytest
 
-from infra.store import open_event_store
 from projections.base import table
-from projections.db import open_read_models
 from projections.metrics import AGENTS, NAME, Metrics
 from projections.replay import PROJECTIONS, rebuild
 from projections.runner import ProjectionRunner, apply_batch, read_log
 from projections.tracking import PositionConflict, generations
-from tests.conftest import SettingsFactory
 from tests.integration.test_metrics import rows, traffic
 from tests.integration.test_metrics_day import Day
 
 BATCH = 20  # the traffic is some 300 events: many batches, so the writer process is used
-
-
-@pytest.fixture
-def day(database_url: str, settings: SettingsFactory) -> Iterator[Day]:
-    config = settings(database_url, bootstrap=None)
-    store = open_event_store(config)
-    db = open_read_models(config)
-    try:
-        yield Day(store, db)
-    finally:
-        db.close()
-        store.close()
 
 
 @pytest.fixture(autouse=True)

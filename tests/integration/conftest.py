@@ -1,0 +1,26 @@
+"""Fixtures shared by the metrics tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from infra.store import open_event_store
+from projections.db import open_read_models
+from tests.conftest import SettingsFactory
+from tests.integration.test_metrics_day import Day
+
+
+@pytest.fixture
+def day(database_url: str, settings: SettingsFactory) -> Iterator[Day]:
+    """An empty store and read models on each database (test_metrics_day.py's own `day`
+    holds its scripted day)."""
+    config = settings(database_url, bootstrap=None)
+    store = open_event_store(config)
+    db = open_read_models(config)
+    try:
+        yield Day(store, db)
+    finally:
+        db.close()
+        store.close()
