@@ -393,7 +393,6 @@ class _Batch:
         self.state_table = state_table
         self.cache = cache
         self.rows = cache.rows
-        self.conversations = cache.rows["c"]
         self.dirty: set[tuple[str, str]] = set()
         self.deltas: dict[Key, dict[int, int]] = {}  # sparse: an event touches few columns
 
@@ -598,11 +597,9 @@ class _Batch:
     # -- conversations ------------------------------------------------------------------
 
     def conv(self, e: Event) -> dict[str, Any] | None:
-        # (`get` and `touch` inline: called for nearly every event)
-        row_id = e.originator_id
-        row = self.conversations.get(row_id) or self.get("c", row_id)
+        row = self.get("c", e.originator_id)
         if row is not None:
-            self.dirty.add(("c", row_id))
+            self.touch("c", e.originator_id)
         return row
 
     def opened(self, e: Event) -> None:
