@@ -143,8 +143,21 @@ def _peak_rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time a process has used so far."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pipeline(
-    bootstrap: str, topic: str, total: int, workdir: Path, database_url: str | None
+    bootstrap: str,
+    topic: str,
+    total: int,
+    workdir: Path,
+    database_url: str | None,
+    broker_pid: int | None,
 ) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INBOX_")}
     env.update(
@@ -172,6 +185,7 @@ def pipeline(
             stdout=out,
             stderr=out,
         )
+    broker_cpu = _cpu_seconds(broker_pid)
     try:
         while (started := _assigned_at(log)) is None:
             if worker.poll() is not None:
@@ -185,6 +199,11 @@ def pipeline(
             time.sleep(0.005)
         finished = time.time()
         rss = _peak_rss_mb(worker.pid)
+        cpu = {
+            "worker_cpu": _cpu_seconds(worker.pid),
+            "serve_cpu": _cpu_seconds(serve.pid),
+            "broker_cpu": _cpu_seconds(broker_pid) - broker_cpu,
+        }
     finally:
         for process in (worker, serve):
             process.send_signal(signal.SIGTERM)
@@ -198,6 +217,7 @@ def pipeline(
         "projection_lag": finished - stored,
         "domain_events": float(head),
         "worker_rss_mb": rss,
+        **cpu,
     }
 
 
@@ -222,7 +242,13 @@ async def main() -> None:
         produced = await produce(bootstrap, topic, records)
         raw = await raw_limit(bootstrap, topic, args.events, workdir / "raw.db")
         result = await asyncio.to_thread(
-            pipeline, bootstrap, topic, args.events, workdir, args.database_url
+            pipeline,
+            bootstrap,
+            topic,
+            args.events,
+            workdir,
+            args.database_url,
+            None if broker is None else broker.pid,
         )
     finally:
         if broker is not None:
@@ -243,6 +269,11 @@ async def main() -> None:
     # When the projections (`inbox serve`, every read model in one runner) are the slower
     # part, the pipeline figure is theirs: this shows by how much they trailed the worker.
     print(f"  inbox view caught up after the last store {result['projection_lag']:>6.1f} s later")
+    # Where the two cores went (the serve process idled for a second before the worker began).
+    print(
+        "  CPU seconds: worker {worker_cpu:.1f}, serve (projections) {serve_cpu:.1f}, "
+        "broker {broker_cpu:.1f}".format(**result)
+    )
     print(f"  worker peak resident memory          {result['worker_rss_mb']:>10,.0f} MB")
     print(
         "  load average (1, 5, 15 min) at the end: {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
