@@ -148,9 +148,9 @@ def _sla_actions(value: Any) -> dict[str, list[str]]:
     return actions
 
 
-# An agent's token is checked against their aggregate, which every presence change makes
-# longer (2,000 events: 27 ms a request). The answer is kept this long: a token replaced, or
-# a role or skills changed, through another process takes effect within it (through this
+# An agent's token is checked against their aggregate: two reads of the event store (its
+# latest snapshot and the events after it). The answer is kept this long: a token replaced,
+# or a role or skills changed, through another process takes effect within it (through this
 # Directory, at once).
 AUTH_TTL = 2.0
 _AUTH_KEEP = 10_000  # tokens remembered at most (valid ones only)

@@ -4,6 +4,7 @@ events and the Kafka position they came from."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,8 +22,13 @@ from eventsourcing.persistence import (
     Tracking,
     Transcoder,
 )
-from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
+from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
+    PostgresDatastore,
+    PostgresProcessRecorder,
+)
 from eventsourcing.sqlite import (
+    SQLiteAggregateRecorder,
     SQLiteConnection,
     SQLiteConnectionPool,
     SQLiteCursor,
@@ -34,6 +40,9 @@ from psycopg import Cursor
 from psycopg.rows import DictRow
 
 from infra.settings import Settings
+from infra.snapshots import Snapshots
+
+log = logging.getLogger(__name__)
 
 DomainEvent = CanMutateAggregate[UUID]
 Aggregate = BaseAggregate[UUID]
@@ -281,19 +290,27 @@ class PostgresIngestRecorder(PostgresProcessRecorder):
 class EventStore:
     """The system of record. Synchronous (eventsourcing is); call it from a thread in asyncio."""
 
-    def __init__(self, recorder: ProcessRecorder, datastore: SQLiteDatastore | PostgresDatastore):
+    def __init__(
+        self,
+        recorder: ProcessRecorder,
+        datastore: SQLiteDatastore | PostgresDatastore,
+        snapshots: Snapshots,
+    ):
         self.recorder = recorder
         self.datastore = datastore
         self.mapper = OrjsonMapper()
+        self.snapshots = snapshots
 
     @property
     def ingest(self) -> IngestRecorder:
         return cast(IngestRecorder, self.recorder)
 
     def get(self, aggregate_id: UUID) -> Any:
-        """The aggregate rebuilt from its events, or None when it has none."""
-        aggregate: Aggregate | None = None
-        for stored in self.recorder.select_events(aggregate_id):
+        """The aggregate rebuilt from its latest snapshot and the events after it, or None
+        when it has no events."""
+        aggregate: Aggregate | None = self.snapshots.latest(aggregate_id)
+        after = None if aggregate is None else aggregate.version
+        for stored in self.recorder.select_events(aggregate_id, gt=after):
             event = cast(DomainEvent, self.mapper.to_domain_event(stored))
             aggregate = event.mutate(aggregate)
         return aggregate
@@ -329,9 +346,24 @@ class EventStore:
 
     def save(self, *aggregates: Aggregate) -> Sequence[int]:
         events: list[DomainEvent] = []
+        counts: list[int] = []
         for aggregate in aggregates:
-            events.extend(aggregate.collect_events())
-        return self.record(events)
+            collected = aggregate.collect_events()
+            events.extend(collected)
+            counts.append(len(collected))
+        notification_ids = self.record(events)
+        for aggregate, saved in zip(aggregates, counts, strict=True):
+            if self.snapshots.due(aggregate, saved):
+                self._snapshot(aggregate)
+        return notification_ids
+
+    def _snapshot(self, aggregate: Aggregate) -> None:
+        # The events are committed: a snapshot that cannot be written is only a shortcut
+        # missed, never a failed save.
+        try:
+            self.snapshots.take(aggregate)
+        except Exception:
+            log.warning("could not snapshot %s", aggregate.id, exc_info=True)
 
     def notifications(
         self, after: int, limit: int, *, topics: Sequence[str] = ()
@@ -355,9 +387,11 @@ class EventStore:
     def rewrite(self, aggregate_id: UUID, change: Callable[[dict[str, Any]], bool]) -> int:
         """Changes the stored state of an aggregate's events in place, in one transaction;
         `change` edits a decoded state and says whether it changed it. Only for erasing
-        personal data (`inbox forget`): events are otherwise never rewritten. Returns how
-        many events changed."""
+        personal data (`inbox forget`): events are otherwise never rewritten. The aggregate's
+        snapshots, which may hold the same data, are deleted with them. Returns how many
+        events changed."""
         table = self.recorder.events_table_name  # type: ignore[attr-defined]
+        snapshots = self.snapshots.table
         changed = 0
         if isinstance(self.datastore, PostgresDatastore):
             with self.datastore.transaction(commit=True) as curs:
@@ -374,6 +408,7 @@ class EventStore:
                             (orjson.dumps(decoded), aggregate_id, version),
                         )
                         changed += 1
+                curs.execute(f"DELETE FROM {snapshots} WHERE originator_id = %s", (aggregate_id,))
             return changed
         with self.datastore.transaction(commit=True) as c:
             cursor = c.sqlite_cursor
@@ -390,6 +425,7 @@ class EventStore:
                         (orjson.dumps(decoded), oid, version),
                     )
                     changed += 1
+            cursor.execute(f"DELETE FROM {snapshots} WHERE originator_id = ?", (oid,))
         return changed
 
     def close(self) -> None:
@@ -414,10 +450,14 @@ def open_event_store(settings: Settings) -> EventStore:
             pg, events_table_name="inbox_events", tracking_table_name="inbox_tracking"
         )
         pg_recorder.create_table()
-        return EventStore(pg_recorder, pg)
+        pg_snapshots = PostgresAggregateRecorder(pg, events_table_name="inbox_snapshots")
+        pg_snapshots.create_table()
+        return EventStore(pg_recorder, pg, Snapshots(pg_snapshots))
     path = settings.sqlite_path
     path.parent.mkdir(parents=True, exist_ok=True)
     sqlite = SQLiteStoreDatastore(str(path))
     sqlite_recorder = SQLiteIngestRecorder(sqlite)
     sqlite_recorder.create_table()
-    return EventStore(sqlite_recorder, sqlite)
+    sqlite_snapshots = SQLiteAggregateRecorder(sqlite, events_table_name="snapshots")
+    sqlite_snapshots.create_table()
+    return EventStore(sqlite_recorder, sqlite, Snapshots(sqlite_snapshots))

@@ -1,4 +1,4 @@
-"""Fixtures shared by the metrics tests."""
+"""Fixtures shared by the integration tests."""
 
 from __future__ import annotations
 
@@ -6,10 +6,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from infra.store import open_event_store
+from infra.store import EventStore, open_event_store
 from projections.db import open_read_models
 from tests.conftest import SettingsFactory
 from tests.integration.test_metrics_day import Day
+
+
+@pytest.fixture
+def store(database_url: str, settings: SettingsFactory) -> Iterator[EventStore]:
+    """An empty event store on each database."""
+    opened = open_event_store(settings(database_url, bootstrap=None))
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from inbox.domain.conversation import Conversation
 from inbox.domain.time import iso
 from inbox.worker import IngestWorker
 from infra.broker import free_port
-from infra.store import EventStore, open_event_store
+from infra.store import EventStore
 from projections.db import ReadModelDB, open_read_models
 from tests.conftest import SettingsFactory, TopicFactory
 from tests.support import (
@@ -198,13 +198,6 @@ class World:
 
     def records_read(self) -> int:
         return sum(self.worker.positions.values())
-
-
-@pytest.fixture
-def store(settings: SettingsFactory, database_url: str) -> Iterator[EventStore]:
-    event_store = open_event_store(settings(database_url))
-    yield event_store
-    event_store.close()
 
 
 @pytest.fixture

@@ -4,13 +4,8 @@ changes once the answer has aged out."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from inbox.agents import AUTH_TTL, Directory, agent_profile
-from infra.store import EventStore, open_event_store
-from tests.conftest import SettingsFactory
+from infra.store import EventStore
 
 
 class Clock:
@@ -19,15 +14,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def store(database_url: str, settings: SettingsFactory) -> Iterator[EventStore]:
-    opened = open_event_store(settings(database_url, bootstrap=None))
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def test_a_change_elsewhere_shows_once_the_kept_answer_ages_out(store: EventStore) -> None:

@@ -3,30 +3,21 @@ by the projections that read stored state directly."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import pytest
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
 
 from inbox.domain import ids
 from inbox.domain.agent import Agent
 from inbox.domain.conversation import Conversation
-from infra.store import EventStore, open_event_store
+from infra.store import EventStore
 from projections import timeline
 from projections.db import open_read_models
 from projections.replay import PROJECTIONS
 from projections.runner import ProjectionRunner
 from tests.conftest import SettingsFactory
-
-
-@pytest.fixture
-def store(settings: SettingsFactory, database_url: str) -> Iterator[EventStore]:
-    event_store = open_event_store(settings(database_url))
-    yield event_store
-    event_store.close()
 
 
 def test_a_version_1_message_is_read_with_no_via(store: EventStore) -> None:

@@ -6,14 +6,13 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-import pytest
 from aiokafka import AIOKafkaConsumer
 
 from inbox.domain import ids
 from inbox.domain.customer import Customer
 from infra.kafka import make_consumer
-from infra.store import EventStore, open_event_store
-from tests.conftest import SettingsFactory, TopicFactory
+from infra.store import EventStore
+from tests.conftest import TopicFactory
 from tests.support import (
     contact_event,
     make_topics,
@@ -22,13 +21,6 @@ from tests.support import (
     wait_until,
     worker_config,
 )
-
-
-@pytest.fixture
-def store(settings: SettingsFactory, database_url: str) -> Any:
-    event_store = open_event_store(settings(database_url))
-    yield event_store
-    event_store.close()
 
 
 def customer_of(store: EventStore, key: str) -> Any:
