@@ -46,7 +46,8 @@ class Writer:
         )
         self.process.start()
         theirs.close()
-        self._sent: deque[int] = deque()
+        self._sent: deque[tuple[int, int]] = deque()  # (new position, notifications)
+        self.committed = 0  # notifications whose batches the writer has committed
 
     def apply(self, position: int, records: Sequence[Record]) -> int:
         """Decides the changes of the records read after `position` and sends them to be
@@ -67,7 +68,7 @@ class Writer:
             self._conn.send((position, new_position, changes))
         except OSError:
             raise self._ended(new_position) from None
-        self._sent.append(new_position)
+        self._sent.append((new_position, len(records)))
         proj.committed(self.generation, new_position)
         return new_position
 
@@ -80,9 +81,9 @@ class Writer:
         try:
             reply = self._conn.recv()
         except (EOFError, OSError):
-            raise self._ended(self._sent[0]) from None
+            raise self._ended(self._sent[0][0]) from None
         if isinstance(reply, int):
-            self._sent.popleft()
+            self.committed += self._sent.popleft()[1]
             return
         kind, message = reply
         if kind == "conflict":

@@ -68,7 +68,7 @@ class ReplayResult:
     name: str
     generation: int
     previous_generation: int | None
-    events: int  # notifications replayed by this call
+    events: int  # notifications this call committed (not those another writer did)
     position: int
     seconds: float
     pipelined: bool = False  # written by a second process (`projections.pipeline`)
@@ -127,7 +127,8 @@ def rebuild(
     if target is None:
         target = new_generation(db, proj, active=False)
     generation, position = target.generation, target.position
-    replayed = 0
+    replayed = 0  # notifications handled, committed or not
+    committed = 0  # of them, committed by this call (the writer's count once it is closed)
     collected = 0
     writer: Writer | None = None
     pipelined = False
@@ -153,12 +154,14 @@ def rebuild(
                         position = apply_batch(
                             db, proj, generation, position, notifications, require_active=False
                         )
+                        committed += len(notifications)
                     if len(notifications) < batch_size and writer is not None:
                         writer.drain()
                 except PositionConflict:
                     # Another rebuild of this generation moved it: go on from where it is.
                     if writer is not None:
                         writer.close()
+                        committed += writer.committed
                         writer = None
                     proj.forget()
                     position = _position(db, name, generation)
@@ -187,13 +190,14 @@ def rebuild(
     finally:
         if writer is not None:
             writer.close()
+            committed += writer.committed
     if previous is not None:
         drop_generation(db, proj, previous)
     return ReplayResult(
         name=name,
         generation=generation,
         previous_generation=previous,
-        events=replayed,
+        events=committed,
         position=position,
         seconds=time.monotonic() - started,
         pipelined=pipelined,

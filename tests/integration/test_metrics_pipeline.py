@@ -52,6 +52,7 @@ def test_a_long_rebuild_written_by_a_second_process_equals_the_live_model(
     result = rebuild(day.store, day.db, NAME, from_start=True, batch_size=BATCH)
     assert result.pipelined
     assert result.position == day.store.max_notification_id()
+    assert result.events == len(day.store.notifications(0, 100_000))
     _, counts, tables = rows(day.db)
     assert counts == live_counts
     assert tables == live_tables
@@ -113,6 +114,7 @@ def test_a_killed_writer_stops_the_rebuild_at_a_committed_batch_and_a_resume_fin
     )
     assert (result.generation, result.pipelined) == (2, True)
     assert resumed[0] > stopped_at
+    assert result.events == len([n for n in log if n > stopped_at])
     _, counts, tables = rows(day.db)
     assert counts == live_counts
     assert tables == live_tables
@@ -176,6 +178,8 @@ def test_a_generation_moved_by_another_writer_is_followed_from_where_it_is(
     assert moved
     assert "moved by another writer" in caplog.text
     assert result.position == day.store.max_notification_id()
+    # what the other writer committed is not counted as this rebuild's
+    assert result.events == len(day.store.notifications(0, 100_000)) - BATCH
     _, counts, tables = rows(day.db)
     assert counts == live_counts
     assert tables == live_tables
