@@ -30,6 +30,8 @@ from infra.broker import free_port
 from tests.support import serving
 
 _API = "/2010-04-01/Accounts/{account}"
+# The account the tests' stand-in accepts (the `stub` and `calls` fixtures use it).
+ACCOUNT, TOKEN = "AC" + "1" * 32, "secret-token"
 
 
 class FakeClock:

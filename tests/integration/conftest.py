@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from infra.store import EventStore, open_event_store
+from ivr.twilio_rest import TwilioRestCalls
 from projections.db import open_read_models
 from tests.conftest import SettingsFactory
 from tests.integration.test_metrics_day import Day
+from tests.twilio_rest_stub import ACCOUNT, TOKEN, FakeClock, TwilioRestStub, running_stub
 
 
 @pytest.fixture
@@ -34,3 +36,21 @@ def day(database_url: str, settings: SettingsFactory) -> Iterator[Day]:
     finally:
         db.close()
         store.close()
+
+
+@pytest.fixture
+async def stub(clock: FakeClock) -> AsyncIterator[TwilioRestStub]:
+    """The stand-in for Twilio's Calls API, on the test module's `clock`."""
+    async with running_stub(ACCOUNT, TOKEN, clock=clock) as stub:
+        yield stub
+    assert stub.refused_auth == 0
+
+
+@pytest.fixture
+async def calls(stub: TwilioRestStub) -> AsyncIterator[TwilioRestCalls]:
+    """Our Calls API client, pointed at the stand-in."""
+    calls = TwilioRestCalls(ACCOUNT, TOKEN, stub.url)
+    try:
+        yield calls
+    finally:
+        await calls.close()

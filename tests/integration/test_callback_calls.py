@@ -5,7 +5,7 @@ an inbound call's. Publishing the same outcome again (a restarted dialer) adds n
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -31,10 +31,9 @@ from projections.runner import ProjectionRunner
 from projections.timeline import Timeline, get_conversation
 from tests.conftest import SettingsFactory, TopicFactory
 from tests.support import make_topics, running_worker, wait_until, worker_config
-from tests.twilio_rest_stub import FakeClock, Outcome, TwilioRestStub, running_stub
+from tests.twilio_rest_stub import FakeClock, Outcome, TwilioRestStub
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
-ACCOUNT, TOKEN = "AC" + "3" * 32, "callback-calls-token"
 CALLER_ID = "+15005550006"
 ALICE = "+14155550101"
 INBOUND_SID = "CA" + "a" * 32
@@ -86,22 +85,6 @@ def db(settings: SettingsFactory) -> Iterator[ReadModelDB]:
         yield db
     finally:
         db.close()
-
-
-@pytest.fixture
-async def stub(clock: FakeClock) -> AsyncIterator[TwilioRestStub]:
-    async with running_stub(ACCOUNT, TOKEN, clock=clock) as stub:
-        yield stub
-    assert stub.refused_auth == 0
-
-
-@pytest.fixture
-async def calls(stub: TwilioRestStub) -> AsyncIterator[TwilioRestCalls]:
-    calls = TwilioRestCalls(ACCOUNT, TOKEN, stub.url)
-    try:
-        yield calls
-    finally:
-        await calls.close()
 
 
 def conversation_of(store: EventStore) -> Conversation:

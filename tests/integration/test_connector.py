@@ -5,7 +5,7 @@ to the agent and announced once as `call.answered` on the contact-events topic."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -25,10 +25,9 @@ from infra.store import ContactEventRow, EventStore, open_event_store
 from ivr.connector import CallConnector
 from ivr.twilio_rest import TwilioRestCalls
 from tests.conftest import SettingsFactory, TopicFactory
-from tests.twilio_rest_stub import FakeClock, StubCall, TwilioRestStub, running_stub
+from tests.twilio_rest_stub import FakeClock, StubCall, TwilioRestStub
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
-ACCOUNT, TOKEN = "AC" + "2" * 32, "connector-token"
 ALICE, BOB = "+14155550101", "+14155550102"
 OUR_NUMBER = "+18005550100"
 VOICE_TO = {"ann": "client:ann", "bob": "+14155550999"}
@@ -97,22 +96,6 @@ def center(settings: SettingsFactory, clock: FakeClock) -> Iterator[Center]:
         yield Center(store, clock)
     finally:
         store.close()
-
-
-@pytest.fixture
-async def stub(clock: FakeClock) -> AsyncIterator[TwilioRestStub]:
-    async with running_stub(ACCOUNT, TOKEN, clock=clock) as stub:
-        yield stub
-    assert stub.refused_auth == 0
-
-
-@pytest.fixture
-async def calls(stub: TwilioRestStub) -> AsyncIterator[TwilioRestCalls]:
-    calls = TwilioRestCalls(ACCOUNT, TOKEN, stub.url)
-    try:
-        yield calls
-    finally:
-        await calls.close()
 
 
 def inbound(stub: TwilioRestStub, phone: str) -> StubCall:

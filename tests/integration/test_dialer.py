@@ -6,7 +6,7 @@ the rate cap are exact."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -30,10 +30,9 @@ from infra.store import ContactEventRow, EventStore, open_event_store
 from ivr.dialer import CallbackDialer
 from ivr.twilio_rest import CallStatus, TwilioRestCalls
 from tests.conftest import SettingsFactory
-from tests.twilio_rest_stub import FakeClock, Outcome, TwilioRestStub, running_stub
+from tests.twilio_rest_stub import ACCOUNT, FakeClock, Outcome, TwilioRestStub
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)  # a Monday
-ACCOUNT, TOKEN = "AC" + "1" * 32, "secret-token"
 CALLER_ID = "+15005550006"
 ALICE, BOB, CAROL = "+14155550101", "+14155550102", "+14155550103"
 VOICE_TO = {"ann": "client:ann", "bob": "+14155550999", "cy": "sip:cy@pbx.example.com"}
@@ -121,22 +120,6 @@ def center(settings: SettingsFactory, clock: FakeClock) -> Iterator[Center]:
         )
     finally:
         store.close()
-
-
-@pytest.fixture
-async def stub(clock: FakeClock) -> AsyncIterator[TwilioRestStub]:
-    async with running_stub(ACCOUNT, TOKEN, clock=clock) as stub:
-        yield stub
-    assert stub.refused_auth == 0
-
-
-@pytest.fixture
-async def calls(stub: TwilioRestStub) -> AsyncIterator[TwilioRestCalls]:
-    calls = TwilioRestCalls(ACCOUNT, TOKEN, stub.url)
-    try:
-        yield calls
-    finally:
-        await calls.close()
 
 
 def make_dialer(center: Center, calls: Any, **options: Any) -> CallbackDialer:
