@@ -72,19 +72,36 @@ class _AsyncHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # twilio i
         return response
 
 
-def rest_client(
-    account_sid: str, auth_token: str, api_base: str | None, *, timeout: float
-) -> tuple[Any, _AsyncHttpClient]:
-    """Twilio's REST client on an aiohttp session of ours (close it when done), pointed at
-    `api_base` when given (TWILIO_API_BASE: a local stand-in in tests). Build it inside the
-    running event loop: the session belongs to it."""
-    http = _AsyncHttpClient(timeout=timeout)
-    client = Client(account_sid, auth_token, http_client=http)
-    if api_base is not None:
-        client.api.base_url = api_base
-        # TWILIO_EDGE / TWILIO_REGION would rewrite the stand-in's host name.
-        client.edge = client.region = None
-    return client, http
+class RestClient:
+    """Twilio's REST client on an aiohttp session of ours, pointed at `api_base` when given
+    (TWILIO_API_BASE: a local stand-in in tests). Built on first use, inside the running
+    event loop: the session belongs to it. Call `close()` at shutdown."""
+
+    def __init__(
+        self, account_sid: str, auth_token: str, api_base: str | None, *, timeout: float
+    ) -> None:
+        self._account_sid = account_sid
+        self._auth_token = auth_token
+        self._api_base = api_base.rstrip("/") if api_base else None
+        self._timeout = timeout
+        self._http: _AsyncHttpClient | None = None
+        self._client: Any = None
+
+    def __call__(self) -> Any:
+        if self._client is None:
+            self._http = _AsyncHttpClient(timeout=self._timeout)
+            client = Client(self._account_sid, self._auth_token, http_client=self._http)
+            if self._api_base is not None:
+                client.api.base_url = self._api_base
+                # TWILIO_EDGE / TWILIO_REGION would rewrite the stand-in's host name.
+                client.edge = client.region = None
+            self._client = client
+        return self._client
+
+    async def close(self) -> None:
+        http, self._http, self._client = self._http, None, None
+        if http is not None:
+            await http.close()
 
 
 class TwilioSender:
@@ -104,28 +121,13 @@ class TwilioSender:
         timeout: float = 15.0,
         clock: Clock = _utc_now,
     ) -> None:
-        self._account_sid = account_sid
-        self._auth_token = auth_token
-        self._api_base = api_base.rstrip("/") if api_base else None
+        self._rest = RestClient(account_sid, auth_token, api_base, timeout=timeout)
         self._from = {"sms": sms_from, "whatsapp": whatsapp_from}
         self.status_callback = public_url.rstrip("/") + STATUS_CALLBACK_PATH
-        self._timeout = timeout
         self._clock = clock
-        self._http: _AsyncHttpClient | None = None
-        self._client: Any = None
-
-    def _rest_client(self) -> Any:
-        # Built on first use: the aiohttp session belongs to the running event loop.
-        if self._client is None:
-            self._client, self._http = rest_client(
-                self._account_sid, self._auth_token, self._api_base, timeout=self._timeout
-            )
-        return self._client
 
     async def close(self) -> None:
-        http, self._http, self._client = self._http, None, None
-        if http is not None:
-            await http.close()
+        await self._rest.close()
 
     async def send(self, message: OutboundMessage) -> SendResult:
         if message.channel not in self.channels:
@@ -134,7 +136,7 @@ class TwilioSender:
             self._check_whatsapp_window(message)
         to, from_ = self._addresses(message)
         try:
-            created = await self._rest_client().messages.create_async(
+            created = await self._rest().messages.create_async(
                 to=to,
                 from_=from_,
                 body=message.text,

@@ -17,7 +17,7 @@ import aiohttp
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.twiml.voice_response import Dial, VoiceResponse
 
-from adapters.twilio_out import _AsyncHttpClient, rest_client
+from adapters.twilio_out import RestClient
 
 # A call's status once it will not change any more.
 TERMINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
@@ -111,27 +111,12 @@ class TwilioRestCalls:
         ring_seconds: int = 30,
         timeout: float = 15.0,
     ) -> None:
-        self._account_sid = account_sid
-        self._auth_token = auth_token
-        self._api_base = api_base.rstrip("/") if api_base else None
+        self._rest = RestClient(account_sid, auth_token, api_base, timeout=timeout)
         self._machine_detection = machine_detection
         self._ring_seconds = ring_seconds
-        self._timeout = timeout
-        self._http: _AsyncHttpClient | None = None
-        self._client: Any = None
-
-    def _rest(self) -> Any:
-        # Built on first use: the aiohttp session belongs to the running event loop.
-        if self._client is None:
-            self._client, self._http = rest_client(
-                self._account_sid, self._auth_token, self._api_base, timeout=self._timeout
-            )
-        return self._client
 
     async def close(self) -> None:
-        http, self._http, self._client = self._http, None, None
-        if http is not None:
-            await http.close()
+        await self._rest.close()
 
     async def create_call(self, to: str, from_: str, twiml: str) -> str:
         extra: dict[str, Any] = {"timeout": self._ring_seconds}
