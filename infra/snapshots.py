@@ -88,15 +88,20 @@ class Snapshots:
     def latest(self, aggregate_id: UUID) -> Any:
         """The aggregate as of its latest snapshot this code took, or None."""
         for row in self.recorder.select_events(aggregate_id, desc=True, limit=1):
-            stored = orjson.loads(row.state)
-            if stored["code"] != self.code:
+            try:
+                stored = orjson.loads(row.state)
+                if stored["code"] != self.code:
+                    return None
+                aggregate = object.__new__(resolve_topic(row.topic))
+                vars(aggregate).update(stored["state"])
+                aggregate._created_on = datetime.fromisoformat(stored["created_on"])
+                aggregate._modified_on = datetime.fromisoformat(stored["modified_on"])
+            except (orjson.JSONDecodeError, LookupError, TypeError, ValueError):
+                # Never in the way of loading: the events are there.
+                log.warning("unreadable snapshot of %s ignored", aggregate_id, exc_info=True)
                 return None
-            aggregate = object.__new__(resolve_topic(row.topic))
-            vars(aggregate).update(stored["state"])
             aggregate._id = aggregate_id
             aggregate._version = row.originator_version
-            aggregate._created_on = datetime.fromisoformat(stored["created_on"])
-            aggregate._modified_on = datetime.fromisoformat(stored["modified_on"])
             aggregate._pending_events = []
             return aggregate
         return None

@@ -9,6 +9,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+import pytest
 from eventsourcing.postgres import PostgresDatastore
 
 from inbox.agents import Directory, agent_profile
@@ -125,6 +126,22 @@ def test_a_snapshot_taken_by_other_domain_code_is_not_used(
     loaded = store.get(agent_id)
     assert loaded.name == "Ann"
     assert _state(loaded) == _state(_replayed(store, agent_id))
+
+
+def test_an_unreadable_snapshot_is_ignored(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent_id = _agent_with_changes(store, SNAPSHOT_EVERY)
+    for garbage in (b"not json", b'{"code": "x"', b"[]", b"{}"):
+        _sql(
+            store,
+            f"UPDATE {store.snapshots.table} SET state = ? WHERE originator_id = ?",
+            (garbage, _key(store, agent_id)),
+        )
+        caplog.clear()
+        loaded = store.get(agent_id)
+        assert _state(loaded) == _state(_replayed(store, agent_id))
+        assert "unreadable snapshot" in caplog.text
 
 
 def test_a_state_json_would_change_is_not_snapshotted(world: World) -> None:  # noqa: F811
