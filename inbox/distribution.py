@@ -38,7 +38,7 @@ from inbox.domain.sla import SlaClock, SlaPolicy, earliest_due, running_clocks
 from inbox.domain.time import Clock, iso, parse_iso, system_clock
 from ivr.estimate import HandleTimes, estimate_wait
 from projections.base import Event
-from projections.runner import LogSource, decode, read_log
+from projections.runner import LogSource, decode, gc_paused, read_log
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,10 @@ class Distributor:
             if not records:
                 self.caught_up = True
                 return total
-            for event in decode(records, HANDLES):
-                self.apply(event)
+            # (as in the projections: a collection would walk every conversation kept)
+            with gc_paused():
+                for event in decode(records, HANDLES):
+                    self.apply(event)
             self.position = records[-1][0]
             total += len(records)
             self.stats.read += len(records)

@@ -1,0 +1,66 @@
+"""How long a restarted routing process (`inbox route`) reads before it decides again: the
+distributor rebuilds its state from the whole log (`Distributor.catch_up`), beside the raw limit
+of reading and decoding the same events in the same run.
+
+    python -m bench.restart [--events 1000000] [--customers 20000] [--database-url URL]
+
+The history is bench.replay's (customers, conversations with messages, notes, assignments,
+resolutions and reopens), written through the domain aggregates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+
+from bench.replay import write_history
+from inbox.agents import Directory
+from inbox.distribution import HANDLES, Distributor
+from infra.settings import load_settings
+from infra.store import open_event_store
+from projections.runner import decode, gc_paused, read_log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--database-url", default=None)
+    args = parser.parse_args()
+
+    env = {"INBOX_DATA_DIR": tempfile.mkdtemp(prefix="bench-restart-")}
+    if args.database_url:
+        env["INBOX_DATABASE_URL"] = args.database_url
+    store = open_event_store(load_settings(env))
+    written = write_history(store, args.events, args.customers)
+
+    started = time.perf_counter()
+    position = 0
+    while records := read_log(store, position, 2000):
+        with gc_paused():
+            decode(records, HANDLES)
+        position = records[-1][0]
+    raw = time.perf_counter() - started
+
+    distributor = Distributor(store, Directory(store, admin_token="bench"))
+    started = time.perf_counter()
+    read = distributor.catch_up()
+    seconds = time.perf_counter() - started
+    assert read == written
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"restart of the routing process over {written:,} stored events, "
+        f"{args.database_url or 'SQLite'}"
+    )
+    print(
+        f"  catch up before deciding   {seconds:6.1f} s  {read / seconds:>10,.0f} events/s "
+        f"({len(distributor.convs):,} conversations kept, peak resident {rss:,.0f} MB)"
+    )
+    print(f"  raw limit: read + decode   {raw:6.1f} s  {written / raw:>10,.0f} events/s")
+    store.close()
+
+
+if __name__ == "__main__":
+    main()
