@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+from bench import fresh_settings
 from inbox.agents import Directory, agent_profile
 from inbox.domain import ids
-from infra.settings import load_settings
 from infra.store import open_event_store
 
 
@@ -39,10 +38,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
-    env = {"INBOX_DATA_DIR": tempfile.mkdtemp(prefix="bench-aggregates-")}
-    if args.database_url:
-        env["INBOX_DATABASE_URL"] = args.database_url
-    store = open_event_store(load_settings(env))
+    store = open_event_store(fresh_settings("aggregates", args.database_url))
     directory = Directory(store, admin_token="bench")
     directory.register("ann", agent_profile({"name": "Ann", "role": "agent"}), actor="bench")
     for n in range(args.events - 1):

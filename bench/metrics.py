@@ -16,21 +16,19 @@ import os
 import random
 import shutil
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
 
+from bench import fresh_settings
 from inbox.domain.agent import Agent
 from inbox.domain.callback import Callback
 from inbox.domain.conversation import OPEN, RESOLVED, Conversation
 from inbox.domain.errors import DomainError
 from inbox.domain.queue import Queue
 from inbox.domain.time import iso
-from infra.settings import load_settings
 from infra.store import EventStore, open_event_store
 from projections.db import open_read_models
 from projections.metrics import NAME, Metrics
@@ -279,11 +277,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
-    env = {"INBOX_DATA_DIR": str(workdir)}
-    if args.database_url:
-        env["INBOX_DATABASE_URL"] = args.database_url
-    settings = load_settings(env)
+    settings = fresh_settings("metrics", args.database_url)
     store = open_event_store(settings)
     db = open_read_models(settings)
     started = time.perf_counter()
@@ -337,7 +331,7 @@ def main() -> None:
     print(f"  + orjson encoding of that answer           {encoding:6.1f} ms")
     db.close()
     store.close()
-    shutil.rmtree(workdir, ignore_errors=True)  # ~0.5 GB of store and read models
+    shutil.rmtree(settings.data_dir, ignore_errors=True)  # ~0.5 GB of store and read models
 
 
 if __name__ == "__main__":

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
 
+from bench import fresh_settings
 from inbox.domain.conversation import OPEN, RESOLVED, Conversation
 from inbox.domain.customer import Customer, IdentityClaim
 from inbox.domain.time import iso
-from infra.settings import load_settings
 from infra.store import EventStore, open_event_store
 from projections.db import open_read_models
 from projections.replay import rebuild
@@ -121,11 +119,7 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-replay-"))
-    env = {"INBOX_DATA_DIR": str(workdir)}
-    if args.database_url:
-        env["INBOX_DATABASE_URL"] = args.database_url
-    settings = load_settings(env)
+    settings = fresh_settings("replay", args.database_url)
     store = open_event_store(settings)
     read_models = open_read_models(settings)
     started = time.perf_counter()

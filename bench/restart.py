@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import tempfile
 import time
 
+from bench import fresh_settings
 from bench.replay import write_history
 from inbox.agents import Directory
 from inbox.distribution import HANDLES, Distributor
-from infra.settings import load_settings
 from infra.store import open_event_store
 from projections.runner import decode, gc_paused, read_log
 
@@ -30,10 +29,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
-    env = {"INBOX_DATA_DIR": tempfile.mkdtemp(prefix="bench-restart-")}
-    if args.database_url:
-        env["INBOX_DATABASE_URL"] = args.database_url
-    store = open_event_store(load_settings(env))
+    store = open_event_store(fresh_settings("restart", args.database_url))
     written = write_history(store, args.events, args.customers)
 
     started = time.perf_counter()
