@@ -8,7 +8,7 @@ import pytest
 
 from infra.store import EventStore, open_event_store
 from ivr.twilio_rest import TwilioRestCalls
-from projections.db import open_read_models
+from projections.db import ReadModelDB, open_read_models
 from tests.conftest import SettingsFactory
 from tests.integration.test_metrics_day import Day
 from tests.twilio_rest_stub import ACCOUNT, TOKEN, FakeClock, TwilioRestStub, running_stub
@@ -25,17 +25,20 @@ def store(database_url: str, settings: SettingsFactory) -> Iterator[EventStore]:
 
 
 @pytest.fixture
-def day(database_url: str, settings: SettingsFactory) -> Iterator[Day]:
+def db(database_url: str, settings: SettingsFactory) -> Iterator[ReadModelDB]:
+    """Empty read models on each database (beside `store`)."""
+    opened = open_read_models(settings(database_url, bootstrap=None))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def day(store: EventStore, db: ReadModelDB) -> Day:
     """An empty store and read models on each database (test_metrics_day.py's own `day`
     holds its scripted day)."""
-    config = settings(database_url, bootstrap=None)
-    store = open_event_store(config)
-    db = open_read_models(config)
-    try:
-        yield Day(store, db)
-    finally:
-        db.close()
-        store.close()
+    return Day(store, db)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -46,8 +46,8 @@ from inbox.domain.time import iso
 from inbox.worker import IngestWorker
 from infra.broker import free_port
 from infra.store import EventStore
-from projections.db import ReadModelDB, open_read_models
-from tests.conftest import SettingsFactory, TopicFactory
+from projections.db import ReadModelDB
+from tests.conftest import TopicFactory
 from tests.support import (
     contact_event,
     make_topics,
@@ -198,13 +198,6 @@ class World:
 
     def records_read(self) -> int:
         return sum(self.worker.positions.values())
-
-
-@pytest.fixture
-def db(settings: SettingsFactory, database_url: str) -> Iterator[ReadModelDB]:
-    read_models = open_read_models(settings(database_url))
-    yield read_models
-    read_models.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ the projection from the store's notification log."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,14 +13,13 @@ import pytest
 from inbox.domain.conversation import Conversation
 from inbox.domain.customer import Customer
 from inbox.domain.time import iso
-from infra.store import EventStore, open_event_store
-from projections.db import ReadModelDB, open_read_models
+from infra.store import EventStore
+from projections.db import ReadModelDB
 from projections.escalations import NAME, QUEUES, Escalations, escalation_queues
 from projections.inbox_view import QueryError
 from projections.replay import PROJECTIONS, rebuild
 from projections.runner import ProjectionRunner
 from projections.tracking import active_generation
-from tests.conftest import SettingsFactory
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 AGENT = "agent:sue"
@@ -113,15 +111,8 @@ class World:
 
 
 @pytest.fixture
-def world(database_url: str, settings: SettingsFactory) -> Iterator[World]:
-    config = settings(database_url, bootstrap=None)
-    store = open_event_store(config)
-    db = open_read_models(config)
-    try:
-        yield World(store, db)
-    finally:
-        db.close()
-        store.close()
+def world(store: EventStore, db: ReadModelDB) -> World:
+    return World(store, db)
 
 
 def only(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import io
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,12 +45,11 @@ from inbox.domain.conversation import Conversation
 from inbox.domain.queue import Queue
 from inbox.domain.time import iso
 from inbox.report import report
-from infra.store import EventStore, open_event_store
-from projections.db import ReadModelDB, open_read_models
+from infra.store import EventStore
+from projections.db import ReadModelDB
 from projections.metrics import Metrics
 from projections.metrics_query import metrics
 from projections.runner import ProjectionRunner
-from tests.conftest import SettingsFactory
 
 DAY = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
 BILLING_SLA = {
@@ -270,18 +268,11 @@ def script(day: Day) -> None:
 
 
 @pytest.fixture
-def day(database_url: str, settings: SettingsFactory) -> Iterator[Day]:
-    config = settings(database_url, bootstrap=None)
-    store = open_event_store(config)
-    db = open_read_models(config)
-    try:
-        d = Day(store, db)
-        script(d)
-        ProjectionRunner(store, db, [Metrics()]).run_until_caught_up()
-        yield d
-    finally:
-        db.close()
-        store.close()
+def day(store: EventStore, db: ReadModelDB) -> Day:
+    d = Day(store, db)
+    script(d)
+    ProjectionRunner(store, db, [Metrics()]).run_until_caught_up()
+    return d
 
 
 NO_CALLBACKS = {

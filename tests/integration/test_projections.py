@@ -5,7 +5,7 @@ runner and the rebuild read them back from the store's notification log."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +22,7 @@ from inbox.domain.customer import Customer
 from inbox.domain.queue import Queue
 from inbox.domain.sla import SlaPolicy
 from inbox.ingest import Ingestor
-from infra.store import ContactEventRow, EventStore, open_event_store
+from infra.store import ContactEventRow, EventStore
 from projections.base import Projection
 from projections.db import ReadModelDB, Tx, open_read_models
 from projections.inbox_view import InboxView, QueryError, get_customer, list_conversations
@@ -127,15 +127,8 @@ class World:
 
 
 @pytest.fixture
-def world(database_url: str, settings: SettingsFactory) -> Iterator[World]:
-    config = settings(database_url, bootstrap=None)
-    store = open_event_store(config)
-    db = open_read_models(config)
-    try:
-        yield World(store, db, Ingestor(store))
-    finally:
-        db.close()
-        store.close()
+def world(store: EventStore, db: ReadModelDB) -> World:
+    return World(store, db, Ingestor(store))
 
 
 def at(minute: float) -> str:
