@@ -183,7 +183,8 @@ async def test_two_agents_claiming_at_once_one_gets_409(stack: Stack) -> None:
         stack.settings.contact_events_topic,
         [contact_event("sms-1", customer={"phone": "+14155550100"})],
     )
-    (item,) = await listed(stack, 1)
+    # An agent may claim only what routing has put in a queue: wait until it has.
+    (item,) = await listed(stack, 1, queue="default")
     path = f"/api/v1/conversations/{item['id']}/assign"
     results = await asyncio.gather(
         _call(stack, "POST", path, {"agent": "me"}, ann),
