@@ -245,7 +245,10 @@ class Ingestor:
             apply_contact_event(uow, event, keys, claims)
             uow.collect()
         notification_ids = self.store.record(
-            uow.events, trackings=trackings, contact_events=sources
+            uow.events,
+            trackings=trackings,
+            contact_events=sources,
+            aggregates=uow.touched.values(),
         )
         return BatchOutcome(
             stored=len(sources),

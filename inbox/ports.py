@@ -39,6 +39,7 @@ class EventStorePort(Protocol):
         *,
         trackings: Sequence[Tracking] = (),
         contact_events: Sequence[Any] = (),
+        aggregates: Iterable[Any] = (),
     ) -> Sequence[int]: ...
 
     def save(self, *aggregates: Any) -> Sequence[int]: ...

@@ -6,8 +6,9 @@ snapshot is the aggregate's state as JSON at a version, in a table of its own be
 events (eventsourcing's aggregate recorder, as its own snapshotting does). Events stay the
 truth: a snapshot is only ever a shortcut to a state the events give.
 
-- A snapshot is taken when a save moves an aggregate past a multiple of `SNAPSHOT_EVERY`, and
-  only when its state survives JSON unchanged (no sets, tuples or datetimes in it).
+- A snapshot is taken when recording an aggregate's events (a command's save, or a batch of
+  the ingest worker) moves it past a multiple of `SNAPSHOT_EVERY`, and only when its state
+  survives JSON unchanged (no sets, tuples or datetimes in it).
 - It is used only by the same domain code that took it: each carries a fingerprint of
   `inbox.domain`'s source and eventsourcing's version, and one taken by other code is
   ignored. A change to how an aggregate derives its state needs no migration.
@@ -56,11 +57,6 @@ class Snapshots:
         self.table: str = recorder.events_table_name  # type: ignore[attr-defined]
         self.every = every
         self.code = domain_fingerprint()
-
-    def due(self, aggregate: Any, saved: int) -> bool:
-        """Whether saving `saved` events brought the aggregate past a multiple of `every`."""
-        version: int = aggregate.version
-        return saved > 0 and version // self.every > (version - saved) // self.every
 
     def take(self, aggregate: Any) -> bool:
         """Stores the aggregate's state at its version; False when the state would not come

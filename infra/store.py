@@ -327,35 +327,41 @@ class EventStore:
         *,
         trackings: Sequence[Tracking] = (),
         contact_events: Sequence[ContactEventRow] = (),
+        aggregates: Iterable[Aggregate] = (),
     ) -> Sequence[int]:
         """Writes events, Kafka positions (one per partition) and contact-event ids in one
-        transaction.
+        transaction. `aggregates`: those the events are of, as the events left them; each
+        one the events moved past a multiple of `SNAPSHOT_EVERY` is snapshotted after the
+        commit.
 
         Raises eventsourcing's IntegrityError when another writer got there first (a version
         already taken, a Kafka position already recorded, a contact event already taken in)."""
+        events = list(events)
         if isinstance(self.recorder, SQLiteIngestRecorder):
             to_row = self.mapper.to_row
-            return self.recorder.insert_rows(
+            ids: Sequence[int] | None = self.recorder.insert_rows(
                 [to_row(e) for e in events], trackings=trackings, contact_events=contact_events
             )
-        stored = [self.mapper.to_stored_event(e) for e in events]
-        ids = self.recorder.insert_events(
-            stored, trackings=trackings, contact_events=contact_events
-        )
+        else:
+            ids = self.recorder.insert_events(
+                [self.mapper.to_stored_event(e) for e in events],
+                trackings=trackings,
+                contact_events=contact_events,
+            )
+        every = self.snapshots.every
+        # Versions are consecutive: a multiple among them is one passed.
+        passed = {e.originator_id for e in events if e.originator_version % every == 0}
+        if passed:
+            for aggregate in aggregates:
+                if aggregate.id in passed:
+                    self._snapshot(aggregate)
         return ids or []
 
     def save(self, *aggregates: Aggregate) -> Sequence[int]:
         events: list[DomainEvent] = []
-        counts: list[int] = []
         for aggregate in aggregates:
-            collected = aggregate.collect_events()
-            events.extend(collected)
-            counts.append(len(collected))
-        notification_ids = self.record(events)
-        for aggregate, saved in zip(aggregates, counts, strict=True):
-            if self.snapshots.due(aggregate, saved):
-                self._snapshot(aggregate)
-        return notification_ids
+            events.extend(aggregate.collect_events())
+        return self.record(events, aggregates=aggregates)
 
     def _snapshot(self, aggregate: Aggregate) -> None:
         # The events are committed: a snapshot that cannot be written is only a shortcut

@@ -10,14 +10,16 @@ from uuid import UUID
 
 import orjson
 import pytest
+from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresDatastore
 
 from inbox.agents import Directory, agent_profile
 from inbox.domain import ids
 from inbox.domain.agent import Agent
 from inbox.forget import forget_customer
+from inbox.ingest import Ingestor
 from infra.snapshots import SNAPSHOT_EVERY
-from infra.store import EventStore
+from infra.store import ContactEventRow, EventStore
 from tests.integration.test_forget import PERSONAL
 from tests.integration.test_projections import (
     World,
@@ -101,6 +103,43 @@ def test_a_long_aggregate_loads_from_its_latest_snapshot(
         "ann", "offline", reason="set by agent", actor=AGENT
     )
     assert store.get(agent_id).presence == "offline"
+
+
+def test_the_ingest_worker_snapshots_what_its_batches_move_past_a_multiple(
+    world: World,  # noqa: F811
+) -> None:
+    # A long chat: one conversation, 280 messages, taken in 70 to a batch.
+    for batch in range(4):
+        world.ingest(
+            *(
+                contact(f"m{n}", n, channel="chat", email="bob@example.com")
+                for n in range(batch * 70, (batch + 1) * 70)
+            )
+        )
+    conversation_id = world.conversation_of("email:bob@example.com").id
+
+    # Version 1 opened it; each batch's snapshot is of the version the batch left.
+    assert [version for version, _ in _snapshot_rows(world.store, conversation_id)] == [
+        141,
+        211,
+    ]
+    loaded = world.store.get(conversation_id)
+    assert loaded.version == 281
+    assert _state(loaded) == _state(_replayed(world.store, conversation_id))
+
+    # A worker that starts afresh loads it from the snapshot and goes on.
+    Ingestor(world.store).apply_batch(
+        [
+            (
+                contact("m280", 280, channel="chat", email="bob@example.com"),
+                ContactEventRow("m280", "contact-events", 0, world.offset),
+            )
+        ],
+        Tracking("contact-events:0", world.offset + 1),
+    )
+    again = world.store.get(conversation_id)
+    assert again.version == 282
+    assert _state(again) == _state(_replayed(world.store, conversation_id))
 
 
 def test_a_snapshot_taken_by_other_domain_code_is_not_used(

@@ -97,6 +97,7 @@ class InMemoryEventStore:
         *,
         trackings: Sequence[Tracking] = (),
         contact_events: Sequence[Any] = (),
+        aggregates: Iterable[Any] = (),  # (no snapshots here)
     ) -> Sequence[int]:
         self.record_calls += 1
         hook, self.before_next_record = self.before_next_record, None
