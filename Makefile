@@ -35,6 +35,7 @@ lint: $(STAMP_TEST)
 
 bench: $(STAMP_TEST)
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.ingest_cpu
 	$(BIN)/python -m bench.replay
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.smtp
@@ -43,6 +44,8 @@ bench: $(STAMP_TEST)
 	$(BIN)/python -m bench.stream
 	$(BIN)/python -m bench.voice
 	$(BIN)/python -m bench.metrics
+	$(BIN)/python -m bench.aggregates
+	$(BIN)/python -m bench.restart
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .coverage
