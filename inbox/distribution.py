@@ -13,6 +13,10 @@ and the router is put right from the aggregate's current state.
 
 Capacity freed by a resolve, a transfer or a presence change is used at once: the API calls
 `nudge()` after storing a command, and every round decides right after reading the log.
+
+Given somewhere to keep it (`ProcessStates`), the process saves its whole state with its log
+position every `save_every` events and when it stops, and a restart takes that up and reads
+only the log after it (inbox/routing_state.py says when a saved state is not used).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +33,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
-from inbox import telemetry
+from inbox import routing_state, telemetry
 from inbox.agents import Directory
 from inbox.domain.conversation import RESOLVED, ROUTER, Conversation
 from inbox.domain.errors import DomainError
@@ -36,8 +41,10 @@ from inbox.domain.queue import DEFAULT_QUEUE
 from inbox.domain.routing import AgentSpec, Offer, OfferLapsed, QueueSpec, Router
 from inbox.domain.sla import SlaClock, SlaPolicy, earliest_due, running_clocks
 from inbox.domain.time import Clock, iso, parse_iso, system_clock
+from inbox.ports import ProcessStates
 from ivr.estimate import HandleTimes, estimate_wait
 from projections.base import Event
+from projections.db import DatabaseError
 from projections.runner import LogSource, decode, gc_paused, read_log
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,34 @@ HANDLES = frozenset(
 )
 MAX_PRIORITY = 9
 VIP_PRIORITY = 2
+# A saved state is replaced after this many events read (and when the process stops): a
+# restart then reads at most about this many before it decides again.
+SAVE_EVERY = 100_000
+_SAVE_ERRORS: tuple[type[Exception], ...] = (
+    pickle.PicklingError,
+    TypeError,
+    AttributeError,
+    *DatabaseError,
+)
+# What is the process's own, not what the log taught it: never saved.
+_NOT_STATE = frozenset(
+    {
+        "decide",
+        "store",
+        "log",
+        "directory",
+        "clock",
+        "batch_size",
+        "caught_up",
+        "voice_view",
+        "stats",
+        "states",
+        "save_every",
+        "_saved_at",
+        "_wake",
+        "_loop",
+    }
+)
 # Calls wait for routing from `call.queued` (the IVR chose a queue), not from `call.started`.
 _WAITING_ACTIVITIES = frozenset({"call.queued", "chat.started"})
 _ENDED_ACTIVITIES = frozenset({"call.abandoned", "call.ended"})
@@ -118,6 +153,27 @@ class QueueConfig:
     spec: dict[str, Any]
     policy: SlaPolicy | None
 
+    @classmethod
+    def of(cls, name: str, spec: dict[str, Any]) -> QueueConfig:
+        sla = spec.get("sla")
+        policy = None
+        if sla:
+            try:
+                policy = SlaPolicy.from_dict({**sla, "queue": name})
+            except ValueError as exc:  # checked when defined; a stored bad one is skipped
+                log.warning("queue %s: SLA policy ignored: %s", name, exc)
+        return cls(name, spec, policy)
+
+    # Saved without the policy (its calendar holds a time zone and read-only mappings):
+    # taken up again, it is made from the spec as when the queue was defined.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.spec}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        made = QueueConfig.of(state["name"], state["spec"])
+        for name, value in vars(made).items():
+            object.__setattr__(self, name, value)
+
 
 @dataclass
 class RoundStats:
@@ -136,9 +192,12 @@ class Distributor:
         clock: Clock = system_clock,
         batch_size: int = 2000,
         decide: bool = True,
+        states: ProcessStates | None = None,
+        save_every: int = SAVE_EVERY,
     ) -> None:
         """`decide` False: a mirror that follows the log and keeps the queues' live picture
-        (for the IVR's wait estimates in an `inbox serve` process) but records nothing."""
+        (for the IVR's wait estimates in an `inbox serve` process) but records nothing.
+        `states`: where the state is saved and taken up again (see the module doc)."""
         self.decide = decide
         self.store = store
         self.log: LogSource = store
@@ -171,6 +230,59 @@ class Distributor:
         self._timers: list[tuple[float, str, int, str, str, bool]] = []
         self._to_queue: set[str] = set()  # conversations waiting with no queue yet
         self._wake = asyncio.Event()
+        self.states = states
+        self.save_every = save_every
+        self._saved_at = 0  # the position of the state saved or taken up last
+
+    # -- its saved state -------------------------------------------------------------------
+
+    @property
+    def state_name(self) -> str:
+        return "routing" if self.decide else "queue mirror"
+
+    def restore(self) -> bool:
+        """Takes up the last saved state, if this code can use it, before anything is read;
+        False: there is none to take up, and the whole log will be read."""
+        if self.states is None or self.position or self.caught_up:
+            return False
+        saved = self.states.latest(self.state_name)
+        if saved is None:
+            return False
+        position, data = saved
+        try:
+            head = self.log.max_notification_id()
+            if position > head:
+                raise routing_state.UnreadableState(
+                    f"it is of position {position}, the event store ends at {head}"
+                )
+            with gc_paused():
+                state = routing_state.load(data, self.router.settings)
+            if state.keys() != vars(self).keys() - _NOT_STATE or state["position"] != position:
+                raise routing_state.UnreadableState("not a state of this distributor")
+        except routing_state.UnreadableState as exc:
+            log.warning("%s: saved state not used (%s): reading the log", self.state_name, exc)
+            return False
+        vars(self).update(state)
+        self.handle_times.use_clock(self.clock)
+        self._saved_at = position
+        log.info("%s: took up the state saved at position %d", self.state_name, position)
+        return True
+
+    def save_state(self) -> bool:
+        """Saves the state as of the position read so far (between rounds only)."""
+        if self.states is None or self.position == self._saved_at:
+            return False
+        state = {k: v for k, v in vars(self).items() if k not in _NOT_STATE}
+        try:
+            with gc_paused():
+                data = routing_state.dump(self.router.settings, state)
+            self.states.save(self.state_name, self.position, data)
+        except _SAVE_ERRORS:
+            # Only a slower restart is lost: it reads more of the log.
+            log.warning("%s: could not save the state", self.state_name, exc_info=True)
+            return False
+        self._saved_at = self.position
+        return True
 
     # -- reading the log -------------------------------------------------------------------
 
@@ -244,14 +356,7 @@ class Distributor:
         if name is None:
             return
         spec = s["spec"]
-        sla = spec.get("sla")
-        policy = None
-        if sla:
-            try:
-                policy = SlaPolicy.from_dict({**sla, "queue": name})
-            except ValueError as exc:  # checked when defined; a stored bad one is skipped
-                log.warning("queue %s: SLA policy ignored: %s", name, exc)
-        self.queues[name] = QueueConfig(name, spec, policy)
+        self.queues[name] = QueueConfig.of(name, spec)
         self.router.set_queue(
             QueueSpec(
                 name=name,
@@ -713,6 +818,19 @@ class Distributor:
         stored: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.states is not None:
+            try:
+                await asyncio.to_thread(self.restore)
+            except DatabaseError:  # the table cannot be read: the log can
+                log.warning("%s: no saved state read", self.state_name, exc_info=True)
+        try:
+            await self._run(stop, poll_interval, stored)
+        finally:
+            await asyncio.to_thread(self.save_state)
+
+    async def _run(
+        self, stop: asyncio.Event, poll_interval: float, stored: Callable[[], None]
+    ) -> None:
         while not stop.is_set():
             self._wake.clear()
             try:
@@ -723,6 +841,8 @@ class Distributor:
             if recorded:
                 stored()
                 continue  # what we recorded comes back through the log: read it now
+            if self.caught_up and self.position - self._saved_at >= self.save_every:
+                await asyncio.to_thread(self.save_state)
             timeout = poll_interval
             deadline = self.next_deadline()
             if deadline is not None:

@@ -62,3 +62,12 @@ class Publisher(Protocol):
     adapters.kafka.PublishFailed otherwise."""
 
     async def publish(self, event: ContactEvent) -> None: ...
+
+
+class ProcessStates(Protocol):
+    """Where a process that keeps state from the event log saves it, by name: the state as of
+    a log position (projections.process_state)."""
+
+    def latest(self, name: str) -> tuple[int, bytes] | None: ...
+
+    def save(self, name: str, position: int, state: bytes) -> None: ...

@@ -53,6 +53,7 @@ from ivr.voice import voice_routes
 from projections.db import ReadModelDB, open_read_models
 from projections.directory import list_queues
 from projections.inbox_view import get_item
+from projections.process_state import ReadModelProcessStates
 from projections.replay import PROJECTIONS
 from projections.runner import Lead, ProjectionRunner
 from projections.tracking import ensure_state_table
@@ -536,7 +537,11 @@ async def run(
 
             distributor: Distributor | None = None
             if routing:
-                distributor = Distributor(parts.store, build_directory(parts))
+                distributor = Distributor(
+                    parts.store,
+                    build_directory(parts),
+                    states=ReadModelProcessStates(parts.read_models),
+                )
                 wakers.append(distributor.nudge)
                 tasks.append(
                     asyncio.create_task(distributor.run(stop, stored=stored), name="routing")
@@ -545,7 +550,12 @@ async def run(
             elif http and settings.twilio_auth_token:
                 # the IVR's wait loop needs the queues' live picture: a mirror that decides
                 # nothing (the routing process decides)
-                distributor = Distributor(parts.store, build_directory(parts), decide=False)
+                distributor = Distributor(
+                    parts.store,
+                    build_directory(parts),
+                    decide=False,
+                    states=ReadModelProcessStates(parts.read_models),
+                )
                 tasks.append(asyncio.create_task(distributor.run(stop), name="queue mirror"))
 
             if projections:

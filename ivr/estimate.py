@@ -86,6 +86,13 @@ class HandleTimes:
         self._by_queue: dict[str, deque[_Handled]] = {}
         self._all: deque[_Handled] = deque(maxlen=keep)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # what the log taught it, without the clock: that is the process's own (`use_clock`)
+        return {k: v for k, v in vars(self).items() if k != "_clock"}
+
+    def use_clock(self, clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+
     def record(self, activity: str, data: Mapping[str, Any], at: datetime) -> None:
         """One `Conversation.ActivityRecorded` (`activity`, `data`, `at`); others are ignored."""
         call_sid = data.get("call_sid")

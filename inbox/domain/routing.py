@@ -48,6 +48,7 @@ import heapq
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 AVAILABLE = "available"
 AWAY = "away"
@@ -204,6 +205,16 @@ class Router:
         self._since: dict[str, list[tuple[float, str]]] = {}  # unassigned items, oldest first
         self._echo: dict[str, list[Offer]] = {}  # own offers not yet seen back from the log
         self._seq = 0
+
+    @property
+    def settings(self) -> tuple[Any, ...]:
+        """What it was made with (a saved router state is only used with the same)."""
+        return (
+            sorted(self._timeouts.items()),
+            self._sticky_window,
+            self._sticky_wait,
+            self._max_misses,
+        )
 
     # ---- configuration -------------------------------------------------------------------
 

@@ -1,0 +1,293 @@
+"""The routing process's saved state, against the real event store and read-model database
+(SQLite and PostgreSQL): a restart takes up the state saved with a log position and reads only
+the log after it, ending exactly where a process that never stopped would be; a state of other
+code, other router settings, a position the store does not have, or anything that is not such
+a state is not used (and builds nothing but this project's classes); the process saves when it
+stops and every `save_every` events."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import pickle
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inbox import routing_state
+from inbox.distribution import Distributor
+from inbox.domain.routing import Router
+from projections.db import ReadModelDB
+from projections.process_state import ReadModelProcessStates
+from tests.integration.test_distribution import (
+    Center,
+    center,  # noqa: F401  (the fixture)
+)
+
+
+def _plain(value: Any) -> Any:
+    """A structure to compare two states by: objects as their class and fields, sets sorted
+    (their order is a process's own: string hashes differ between processes)."""
+    if isinstance(value, dict):
+        return [(_plain(k), _plain(v)) for k, v in value.items()]
+    if isinstance(value, set | frozenset):
+        return sorted((_plain(item) for item in value), key=repr)
+    if isinstance(value, list | tuple | deque):
+        return [_plain(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return (type(value).__name__, _plain(fields))
+    if hasattr(value, "__dict__") and not callable(value):
+        return (type(value).__name__, _plain(value.__getstate__()))
+    return value
+
+
+# The process's own attributes, as this test knows them: all others must be taken up.
+_OWN = {
+    "decide",
+    "store",
+    "log",
+    "directory",
+    "clock",
+    "batch_size",
+    "caught_up",
+    "voice_view",
+    "stats",
+    "states",
+    "save_every",
+    "_saved_at",
+    "_wake",
+    "_loop",
+}
+
+
+def _state(distributor: Distributor) -> Any:
+    return _plain({k: v for k, v in vars(distributor).items() if k not in _OWN})
+
+
+def _stored_after(center: Center, position: int) -> int:  # noqa: F811
+    """Events stored after `position` (PostgreSQL's ids may have gaps)."""
+    return len(center.store.notifications(position, 1_000_000))
+
+
+def _distributor(
+    center: Center,  # noqa: F811
+    states: ReadModelProcessStates,
+    **router: Any,
+) -> Distributor:
+    return Distributor(
+        center.store,
+        center.directory,
+        router=Router(**router) if router else None,
+        clock=center.clock,
+        states=states,
+    )
+
+
+def _a_busy_morning(
+    center: Center,  # noqa: F811
+    distributor: Distributor,
+) -> None:
+    """Offers, a lapse, an assignment, a resolve and a reopen, a handled call, SLA clocks."""
+    center.queue(
+        "sales",
+        keywords=["price"],
+        sla={"timezone": "UTC", "targets": {"0": {"first_response": "10m"}}},
+        sla_actions={"warning": ["alert"], "breach": ["raise_priority"]},
+    )
+    center.agent("ann", capacity={"chat": 1, "email": 2, "voice": 1})
+    center.agent("bob", capacity={"email": 1})
+    center.contact("c1", channel="chat", visitor="v1")
+    center.contact("m1", email="a@example.com", text="what is the price?")
+    distributor.step()
+    center.clock.advance(31)  # ann lets the chat offer lapse
+    distributor.step()
+    mail = center.contact("m2", email="b@example.com")
+    distributor.step()
+    assignee = center.conversation(mail.id).assignee
+    assert assignee is not None
+    center.commands.resolve(mail.id, actor=assignee)
+    center.clock.advance(60)
+    center.contact("m3", email="b@example.com", text="one more thing")  # reopens it
+    call = {"channel": "voice", "email": "caller@example.com"}
+    center.contact(
+        "CA1:q", type="call.queued", payload={"call_sid": "CA1", "queue": "default"}, **call
+    )
+    distributor.step()
+    center.contact(
+        "CA1:a",
+        type="call.answered",
+        payload={"call_sid": "CA1", "queue": "default", "agent": "ann"},
+        **call,
+    )
+    center.contact(
+        "CA1:e",
+        type="call.ended",
+        payload={"call_sid": "CA1", "talk_seconds": 200, "hold_seconds": 10, "wrap_seconds": 20},
+        **call,
+    )
+    center.clock.advance(600)
+    distributor.step()
+    center.contact("m5", email="c@example.com", text="price for ten?")  # an SLA clock runs
+    distributor.step()
+
+
+def test_a_restart_takes_up_the_saved_state_and_ends_where_one_that_never_stopped_is(
+    center: Center,  # noqa: F811
+    db: ReadModelDB,
+) -> None:
+    states = ReadModelProcessStates(db)
+    running = _distributor(center, states)
+    _a_busy_morning(center, running)
+    assert running.save_state()
+    saved_at = running.position
+    assert states.latest("routing") is not None
+    # more happens while it is down
+    center.clock.advance(5)
+    center.contact("c2", channel="chat", visitor="v2")
+    center.contact("m4", email="a@example.com", text="still there?")
+
+    restarted = _distributor(center, states)
+    assert restarted.restore()
+    assert restarted.catch_up() == _stored_after(center, saved_at)  # only what came after
+    running.catch_up()  # the one that never stopped reads the same
+    assert running._timers  # (an SLA clock was running when it was saved)
+    assert _state(restarted) == _state(running)
+    # and it decides from there: the new chat goes to the agent with chat capacity free
+    before = center.store.max_notification_id()
+    restarted.step()
+    assert center.store.max_notification_id() > before
+
+    # Without the saved state, the whole log is read (as before there were any).
+    fresh = Distributor(center.store, center.directory, clock=center.clock)
+    assert fresh.catch_up() == _stored_after(center, 0)
+
+
+def test_a_saved_state_is_used_only_by_the_same_code_and_settings_of_a_store_that_has_it(
+    center: Center,  # noqa: F811
+    db: ReadModelDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    states = ReadModelProcessStates(db)
+    running = _distributor(center, states)
+    _a_busy_morning(center, running)
+    head = center.store.max_notification_id()
+    assert running.save_state()
+
+    # other router settings
+    other = _distributor(center, states, sticky_wait=30.0)
+    assert not other.restore()
+    assert other.catch_up() == _stored_after(center, 0)
+
+    # other code
+    saved = states.latest("routing")
+    assert saved is not None
+    monkeypatch.setattr(routing_state, "code_fingerprint", lambda: "other code")
+    assert not _distributor(center, states).restore()
+    monkeypatch.undo()
+    assert _distributor(center, states).restore()  # the same row, this code
+
+    # a position the event store does not have (another store, a restored backup)
+    states.save("routing", head + 10, saved[1])
+    assert not _distributor(center, states).restore()
+    states.save("routing", *saved)
+    assert _distributor(center, states).restore()
+
+
+class _Remove:
+    """What an attacker's pickle would do: call a function of their choice when read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.remove, (str(self.path),))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not a pickle",
+        pickle.dumps({"code": "x"}),
+        pickle.dumps([1, 2, 3]),
+        pickle.dumps({"code": None, "config": None, "state": None})[:-5],
+    ],
+)
+def test_an_unreadable_saved_state_is_ignored(
+    center: Center,  # noqa: F811
+    db: ReadModelDB,
+    data: bytes,
+) -> None:
+    states = ReadModelProcessStates(db)
+    center.contact("m1", email="a@example.com")
+    states.save("routing", 1, data)
+    distributor = _distributor(center, states)
+    assert not distributor.restore()
+    assert distributor.catch_up() == _stored_after(center, 0)
+
+
+def test_a_saved_state_builds_nothing_but_this_projects_classes(
+    center: Center,  # noqa: F811
+    db: ReadModelDB,
+    tmp_path: Path,
+) -> None:
+    states = ReadModelProcessStates(db)
+    center.contact("m1", email="a@example.com")
+    victim = tmp_path / "victim"
+    victim.write_text("still here")
+    state = {"position": 1, "convs": _Remove(victim)}
+    states.save(
+        "routing", 1, pickle.dumps({"code": routing_state.code_fingerprint(), "state": state})
+    )
+    assert not _distributor(center, states).restore()
+    assert victim.read_text() == "still here"
+
+
+def test_the_process_saves_every_so_many_events_and_when_it_stops(
+    center: Center,  # noqa: F811
+    db: ReadModelDB,
+) -> None:
+    states = ReadModelProcessStates(db)
+    center.agent("ann", capacity={"email": 1})
+    center.contact("m1", email="a@example.com")
+
+    async def run_until(done: Any, *, save_every: int) -> Distributor:
+        distributor = Distributor(
+            center.store,
+            center.directory,
+            clock=center.clock,
+            states=states,
+            save_every=save_every,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(distributor.run(stop, poll_interval=0.01))
+        for _ in range(1000):
+            if done(distributor):
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+        return distributor
+
+    def saved() -> int:
+        latest = states.latest("routing")
+        return -1 if latest is None else latest[0]
+
+    # every event: saved while it runs, before it is told to stop
+    first = asyncio.run(run_until(lambda _: saved() > 0, save_every=1))
+    assert saved() > 0
+    assert first.position == center.store.max_notification_id()
+
+    # a large interval: saved only when it stops
+    center.contact("m2", email="b@example.com")
+    before = saved()
+    head = center.store.max_notification_id()
+    second = asyncio.run(
+        run_until(lambda d: d.caught_up and d.position >= head, save_every=1_000_000)
+    )
+    assert saved() > before
+    assert saved() == second.position
