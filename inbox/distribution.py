@@ -823,10 +823,10 @@ class Distributor:
                 await asyncio.to_thread(self.restore)
             except DatabaseError:  # the table cannot be read: the log can
                 log.warning("%s: no saved state read", self.state_name, exc_info=True)
-        try:
-            await self._run(stop, poll_interval, stored)
-        finally:
-            await asyncio.to_thread(self.save_state)
+        await self._run(stop, poll_interval, stored)
+        # Only after a round ended: a cancelled one may still be changing the state in its
+        # thread, and the last save stands (a restart then reads a little more of the log).
+        await asyncio.to_thread(self.save_state)
 
     async def _run(
         self, stop: asyncio.Event, poll_interval: float, stored: Callable[[], None]
