@@ -44,6 +44,16 @@ def normalise_phone(raw: str, default_region: str | None = None) -> str:
     # numbering plans and reject the reserved test ranges (555-01xx, 07700 900xxx).
     if not phonenumbers.is_possible_number(number):
         raise InvalidIdentity(f"not a possible phone number: {raw[:40]!r}")
+    canonical = _e164(number)
+    # phonenumbers writes some runs of zeros (an all-zero national number, say
+    # "+310000000") as a string that reads back as another number: such input names nobody
+    # for sure, and a key must stay the same when normalised again.
+    if number.national_number == 0 or _e164(phonenumbers.parse(canonical)) != canonical:
+        raise InvalidIdentity(f"not a possible phone number: {raw[:40]!r}")
+    return canonical
+
+
+def _e164(number: phonenumbers.PhoneNumber) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
