@@ -36,6 +36,7 @@ lint: $(STAMP_TEST)
 bench: $(STAMP_TEST)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.ingest_cpu
+	$(BIN)/python -m bench.visible
 	$(BIN)/python -m bench.replay
 	$(BIN)/python -m bench.webhooks
 	$(BIN)/python -m bench.smtp
