@@ -14,7 +14,6 @@ step. Two rules keep that safe:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import inbox.domain
+from inbox.fingerprint import source_fingerprint
 
 _ROOT = Path(inbox.domain.__file__).parent.parent.parent
 _SOURCES = ("inbox/distribution.py", "inbox/domain/*.py", "ivr/estimate.py")
@@ -40,12 +40,7 @@ class UnreadableState(ValueError):
 
 @cache
 def code_fingerprint() -> str:
-    digest = hashlib.sha256(sys.version.encode())
-    for pattern in _SOURCES:
-        for path in sorted(_ROOT.glob(pattern)):
-            digest.update(str(path.relative_to(_ROOT)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return source_fingerprint(sys.version, _ROOT, _SOURCES)
 
 
 def dump(config: Any, state: dict[str, Any]) -> bytes:

@@ -18,7 +18,6 @@ truth: a snapshot is only ever a shortcut to a state the events give.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from datetime import datetime
 from functools import cache
@@ -32,6 +31,7 @@ from eventsourcing.persistence import AggregateRecorder, IntegrityError, StoredE
 from eventsourcing.utils import get_topic, resolve_topic
 
 import inbox.domain
+from inbox.fingerprint import source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,9 @@ _BASE = frozenset({"_id", "_version", "_created_on", "_modified_on", "_pending_e
 def domain_fingerprint() -> str:
     """What a snapshot's state was derived by: the domain package's source and the
     eventsourcing release (its base aggregate applies events too)."""
-    digest = hashlib.sha256(version("eventsourcing").encode())
-    for path in sorted(Path(inbox.domain.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return source_fingerprint(
+        version("eventsourcing"), Path(inbox.domain.__file__).parent, ["*.py"]
+    )
 
 
 class Snapshots:
