@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from infra.broker import EmbeddedBroker, free_port
+from bench import app_env, kafka
 from infra.kafka import ensure_topics, make_consumer, make_producer
 from infra.settings import load_settings
 from infra.store import open_event_store
@@ -159,18 +159,9 @@ def pipeline(
     database_url: str | None,
     broker_pid: int | None,
 ) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INBOX_")}
-    env.update(
-        INBOX_DATA_DIR=str(workdir / "var"),
-        INBOX_KAFKA_BOOTSTRAP=bootstrap,
-        INBOX_KAFKA_IDEMPOTENCE="0",
-        INBOX_KAFKA_TOPIC=topic,
-        INBOX_CONSUMER_GROUP=f"bench-{topic}",
-        INBOX_HTTP_PORT=str(free_port()),
-        INBOX_ADMIN_TOKEN="bench",
+    env = app_env(
+        workdir, bootstrap, topic, **({"INBOX_DATABASE_URL": database_url} if database_url else {})
     )
-    if database_url:
-        env["INBOX_DATABASE_URL"] = database_url
     settings = load_settings(env)
     store = open_event_store(settings)
     read_models = open_read_models(settings)
@@ -230,11 +221,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    broker: EmbeddedBroker | None = None
-    bootstrap = os.environ.get("INBOX_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
-        bootstrap = broker.bootstrap
+    bootstrap, broker = kafka(workdir)
     try:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         await ensure_topics(bootstrap, {topic: args.partitions, f"{topic}.dlq": 1})

@@ -27,11 +27,11 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from bench import app_env, kafka
 from inbox.worker import WorkerConfig
-from infra.broker import EmbeddedBroker, free_port
+from infra.broker import free_port
 from infra.kafka import make_consumer
 
-TOKEN = "bench"
 POLL = 0.005
 
 
@@ -101,24 +101,10 @@ async def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-visible-"))
-    broker: EmbeddedBroker | None = None
-    bootstrap = os.environ.get("INBOX_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
-        bootstrap = broker.bootstrap
+    bootstrap, broker = kafka(workdir)
     topic = f"visible-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INBOX_")}
-    env.update(
-        INBOX_DATA_DIR=str(workdir / "var"),
-        INBOX_KAFKA_BOOTSTRAP=bootstrap,
-        INBOX_KAFKA_IDEMPOTENCE="0",
-        INBOX_KAFKA_TOPIC=topic,
-        INBOX_CONSUMER_GROUP=f"bench-{topic}",
-        INBOX_HTTP_PORT=str(port),
-        INBOX_SMTP_PORT=str(free_port()),
-        INBOX_ADMIN_TOKEN=TOKEN,
-    )
+    env = app_env(workdir, bootstrap, topic, INBOX_SMTP_PORT=str(free_port()))
+    port = int(env["INBOX_HTTP_PORT"])
     log = (workdir / "dev.log").open("wb")
     dev = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "inbox.cli", "dev", env=env, stdout=log, stderr=log
@@ -128,7 +114,7 @@ async def main() -> None:
     try:
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Bearer {TOKEN}"},
+            headers={"Authorization": "Bearer bench"},
             timeout=10,
         ) as client:
             while True:
