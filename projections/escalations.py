@@ -15,7 +15,8 @@ Tables (generation N):
   restart or a second runner needs nothing rebuilt.
 
 A batch is applied in memory: the rows it touches are read once, every event changes them in
-log order, the changed ones are written once. Nothing is kept between batches.
+log order, the changed ones are written once. What was read stays in memory for the next
+batch while nobody else writes the generation (as the inbox view's rows do).
 """
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ class Contact(NamedTuple):
     at_text: str
 
 
-def record_contact(window: list[Contact], contact: Contact) -> int:
+def record_contact(window: list[Contact], contact: Contact) -> tuple[int, list[Contact]]:
     """Adds `contact` to a customer's window (sorted) and returns how many contacts fall in
-    the 24 hours up to and including its time, itself included. Then drops contacts more than
-    24 h older than the newest: no later contact can count them (a contact arriving that late
-    is counted against what is left, then dropped)."""
+    the 24 hours up to and including its time, itself included, and the contacts it drops:
+    those more than 24 h older than the newest, which no later contact can count (a contact
+    arriving that late is counted against what is left, then dropped)."""
     insort(window, contact)
     start = contact.at - WINDOW
     count = sum(1 for c in window if start <= c.at <= contact.at)
@@ -99,8 +100,9 @@ def record_contact(window: list[Contact], contact: Contact) -> int:
     drop = 0
     while drop < len(window) and window[drop].at < cutoff:
         drop += 1
+    dropped = window[:drop]
     del window[:drop]
-    return count
+    return count, dropped
 
 
 def is_contact(event_name: str, state: dict[str, Any]) -> bool:
@@ -154,6 +156,36 @@ class _Conv:
     # resolved: True once it has been open.
     csat_followed: bool = False
     items: dict[str, _Item] = field(default_factory=dict)
+    # What the tables hold of it, so that rows a batch leaves as they were are not written
+    # again (most contacts change nothing here).
+    stored_row: tuple[Any, ...] | None = None
+    stored_items: tuple[tuple[Any, ...], ...] = ()
+
+    def row(self, conv_id: str) -> tuple[Any, ...]:
+        return (
+            conv_id,
+            self.owner,
+            int(self.resolved),
+            self.routing_queue,
+            self.assignee,
+            self.priority,
+            int(self.csat_followed),
+        )
+
+    def item_rows(self, conv_id: str) -> tuple[tuple[Any, ...], ...]:
+        return tuple(
+            (
+                conv_id,
+                queue,
+                self.owner,
+                item.reason,
+                item.since,
+                self.routing_queue,
+                self.assignee,
+                self.priority,
+            )
+            for queue, item in sorted(self.items.items())
+        )
 
     def enter(self, queue: str, reason: str, since: str) -> None:
         """Enters `queue`, or (already there) takes the newer reason and keeps the oldest
@@ -174,18 +206,41 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-class _Batch:
-    def __init__(self, tx: Tx, tables: list[str]) -> None:
-        self.tx = tx
-        self.items_table, self.conv_table, self.cust_table, self.contact_table = tables
+class _State:
+    """The rows held in memory as of `position` of `generation`: valid while nobody else
+    writes it, which the conditional position update tells (its position is then still
+    ours)."""
+
+    def __init__(self, generation: int, position: int) -> None:
+        self.generation = generation
+        self.position = position
         self.convs: dict[str, _Conv] = {}
         # customer -> its conversations held here (a VIP change visits them)
         self.owned: dict[str, set[str]] = {}
+        # customers whose VIP flag and contact window are held
+        self.customers: set[str] = set()
         self.vips: dict[str, bool] = {}
         self.windows: dict[str, list[Contact]] = {}
+
+    def size(self) -> int:
+        return len(self.convs) + len(self.customers)
+
+
+class _Batch:
+    def __init__(self, tx: Tx, tables: list[str], state: _State) -> None:
+        self.tx = tx
+        self.items_table, self.conv_table, self.cust_table, self.contact_table = tables
+        self.convs = state.convs
+        self.owned = state.owned
+        self.customers = state.customers
+        self.vips = state.vips
+        self.windows = state.windows
         self.dirty_convs: set[str] = set()
         self.dirty_custs: set[str] = set()
-        self.dirty_windows: set[str] = set()
+        # The contact table's changes: rows to delete (customer, notification id), then rows
+        # to insert (customer -> notification id -> contact).
+        self.gone: list[tuple[str, int]] = []
+        self.new_contacts: dict[str, dict[int, Contact]] = {}
         self.handlers: dict[str, Callable[[Event], None]] = {
             "Conversation.Opened": self.opened,
             "Conversation.MessageReceived": self.contact,
@@ -222,11 +277,13 @@ class _Batch:
                 else:  # Merged, MergeUndone
                     cust_ids.add(e.state["other"])
                     conv_ids.update(e.state["conversations"])
-        self._load_convs(sorted(conv_ids), "id")
-        # Open conversations a VIP change may move in or out of the queue.
+        self._load_convs(sorted(conv_ids - self.convs.keys()), "id")
+        # Open conversations a VIP change may move in or out of the queue (their owner is
+        # the customer, already in `cust_ids`).
         self._load_convs(sorted(vip_changes), "customer_id", open_only=True)
-        cust_ids.update(c.owner for c in self.convs.values())
-        self._load_customers(sorted(cust_ids))
+        convs = self.convs
+        cust_ids.update(convs[c].owner for c in conv_ids if c in convs)
+        self._load_customers(sorted(cust_ids - self.customers))
 
     def _load_convs(self, keys: Sequence[str], column: str, *, open_only: bool = False) -> None:
         loaded: list[str] = []
@@ -241,12 +298,11 @@ class _Batch:
                 sql, chunk
             ).fetchall():
                 if conv_id not in self.convs:
-                    self._hold(
-                        conv_id,
-                        _Conv(
-                            owner, bool(resolved), queue, assignee, int(priority), bool(followed)
-                        ),
+                    conv = _Conv(
+                        owner, bool(resolved), queue, assignee, int(priority), bool(followed)
                     )
+                    conv.stored_row = conv.row(conv_id)
+                    self._hold(conv_id, conv)
                     loaded.append(conv_id)
         for chunk in _chunks(loaded):
             for conv_id, queue, reason, since in self.tx.execute(
@@ -255,8 +311,12 @@ class _Batch:
                 chunk,
             ).fetchall():
                 self.convs[conv_id].items[queue] = _Item(reason, since)
+        for conv_id in loaded:
+            conv = self.convs[conv_id]
+            conv.stored_items = conv.item_rows(conv_id)
 
     def _load_customers(self, cust_ids: Sequence[str]) -> None:
+        self.customers.update(cust_ids)
         for chunk in _chunks(cust_ids):
             marks = _marks(len(chunk))
             for cust_id, vip in self.tx.execute(
@@ -269,8 +329,8 @@ class _Batch:
                 chunk,
             ).fetchall():
                 self._window(cust_id).append(Contact(parse_iso(at), int(nid), conv_id, at))
-        for window in self.windows.values():
-            window.sort()
+        for cust_id in cust_ids:
+            self.windows.get(cust_id, []).sort()
 
     def _hold(self, conv_id: str, conv: _Conv) -> None:
         self.convs[conv_id] = conv
@@ -322,13 +382,21 @@ class _Batch:
         if conv is None:
             return
         at = e.state["at"]
-        window = self._window(conv.owner)
-        count = record_contact(
-            window, Contact(parse_iso(at), e.notification_id, e.originator_id, at)
-        )
-        self.dirty_windows.add(conv.owner)
+        new = Contact(parse_iso(at), e.notification_id, e.originator_id, at)
+        count, dropped = record_contact(self._window(conv.owner), new)
+        self._stored(conv.owner, [new], True)
+        self._stored(conv.owner, dropped, False)
         if count >= REPEAT_THRESHOLD:
             self._enter_open(e, REPEAT_CONTACT, repeat_reason(count))
+
+    def _stored(self, customer_id: str, contacts: Iterable[Contact], stored: bool) -> None:
+        """Notes contacts that join (`stored`) or leave a customer's rows in the table."""
+        new = self.new_contacts.setdefault(customer_id, {})
+        for c in contacts:
+            if stored:
+                new[c.notification_id] = c
+            elif new.pop(c.notification_id, None) is None:  # stored by an earlier batch
+                self.gone.append((customer_id, c.notification_id))
 
     def activity(self, e: Event) -> None:
         if is_supervisor_request(e.state):
@@ -428,7 +496,8 @@ class _Batch:
             target_window = self._window(target)
             target_window.extend(moved)
             target_window.sort()
-            self.dirty_windows.update((source, target))
+            self._stored(source, moved, False)
+            self._stored(target, moved, True)
 
     def merged(self, e: Event) -> None:
         s = e.state
@@ -442,40 +511,26 @@ class _Batch:
 
     def write(self) -> None:
         tx = self.tx
-        dirty = sorted(self.dirty_convs)
-        for chunk in _chunks(dirty):
+        conv_rows: list[tuple[Any, ...]] = []
+        cleared: list[str] = []  # conversations whose items are written again
+        item_rows: list[tuple[Any, ...]] = []
+        for conv_id in sorted(self.dirty_convs):
+            c = self.convs[conv_id]
+            row = c.row(conv_id)
+            if row != c.stored_row:
+                conv_rows.append(row)
+                c.stored_row = row
+            items = c.item_rows(conv_id)
+            if items != c.stored_items:
+                if c.stored_items:
+                    cleared.append(conv_id)
+                item_rows.extend(items)
+                c.stored_items = items
+        for chunk in _chunks(cleared):
             tx.execute(
                 f"DELETE FROM {self.items_table} WHERE conversation_id IN ({_marks(len(chunk))})",
                 chunk,
             )
-        conv_rows = []
-        item_rows = []
-        for conv_id in dirty:
-            c = self.convs[conv_id]
-            conv_rows.append(
-                (
-                    conv_id,
-                    c.owner,
-                    int(c.resolved),
-                    c.routing_queue,
-                    c.assignee,
-                    c.priority,
-                    int(c.csat_followed),
-                )
-            )
-            for queue, item in c.items.items():
-                item_rows.append(
-                    (
-                        conv_id,
-                        queue,
-                        c.owner,
-                        item.reason,
-                        item.since,
-                        c.routing_queue,
-                        c.assignee,
-                        c.priority,
-                    )
-                )
         tx.executemany(_upsert(self.conv_table, _CONV_COLUMNS, "id"), conv_rows)
         tx.executemany(
             f"INSERT INTO {self.items_table} ({', '.join(_ITEM_COLUMNS)}) "
@@ -486,19 +541,19 @@ class _Batch:
             _upsert(self.cust_table, ("id", "vip"), "id"),
             [(c, int(self.vips[c])) for c in sorted(self.dirty_custs)],
         )
-        windows = sorted(self.dirty_windows)
-        for chunk in _chunks(windows):
-            tx.execute(
-                f"DELETE FROM {self.contact_table} WHERE customer_id IN ({_marks(len(chunk))})",
-                chunk,
-            )
+        # Deletes first: a contact that left a customer and came back is deleted, then
+        # inserted again.
+        tx.executemany(
+            f"DELETE FROM {self.contact_table} WHERE customer_id=? AND notification_id=?",
+            sorted(self.gone),
+        )
         tx.executemany(
             f"INSERT INTO {self.contact_table} ({', '.join(_CONTACT_COLUMNS)}) "
             f"VALUES ({_marks(len(_CONTACT_COLUMNS))})",
             [
                 (cust, c.notification_id, c.conversation_id, c.at_text)
-                for cust in windows
-                for c in self.windows[cust]
+                for cust, contacts in sorted(self.new_contacts.items())
+                for c in contacts.values()
             ],
         )
 
@@ -512,7 +567,7 @@ def _upsert(name: str, columns: Sequence[str], key: str) -> str:
 
 
 class Escalations:
-    """The projection (see the module doc). `Escalations()`: no arguments."""
+    """The projection (see the module doc)."""
 
     name = NAME
     handles = frozenset(
@@ -573,14 +628,33 @@ class Escalations:
             f"CREATE INDEX IF NOT EXISTS {items}_queue ON {items} (queue, since, conversation_id)"
         )
 
+    def __init__(self, cache_limit: int = 500_000) -> None:
+        """`cache_limit`: conversations and customers held between batches at most."""
+        self.cache_limit = cache_limit
+        self._state: _State | None = None
+        self._pending: _State | None = None
+
     def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
-        _Batch(tx, self.tables(generation)).run(events)
+        state = self._state
+        if state is None or state.generation != generation or state.position != position:
+            # Another writer moved this generation since our last commit (or there was
+            # none): what we held may be stale.
+            state = _State(generation, position)
+        self._state, self._pending = None, state  # usable again once committed
+        _Batch(tx, self.tables(generation), state).run(events)
 
     def committed(self, generation: int, position: int) -> None:
-        """Nothing kept in memory: the contact windows live in a table."""
+        state, self._pending = self._pending, None
+        if (
+            state is not None
+            and state.generation == generation
+            and state.size() <= self.cache_limit
+        ):
+            state.position = position
+            self._state = state
 
     def forget(self) -> None:
-        """Nothing kept in memory."""
+        self._state = self._pending = None
 
 
 def escalation_queues(db: ReadModelDB, *, limit: int = 500) -> list[dict[str, Any]]:

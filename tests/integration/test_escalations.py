@@ -452,3 +452,36 @@ def test_live_event_by_event_equals_rebuilt_from_the_first_event(
     assert (result.previous_generation, result.generation) == (1, 2)
     assert all_rows(world.db, projection) == live_rows
     assert world.queues() == live_queues
+
+
+def test_two_runners_taking_turns_equal_one_rebuilt_from_the_first_event(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each runner keeps the rows it read between its batches; the other's batches in
+    between make them stale, which the generation's position tells it."""
+    busy_history(world)
+    first, second = (ProjectionRunner(world.store, world.db, [Escalations()]) for _ in range(2))
+    while first.run_once(limit=3) + second.run_once(limit=2):
+        pass
+    assert first.stats.processed[NAME]
+    assert second.stats.processed[NAME]
+    live_rows = all_rows(world.db, Escalations())
+
+    monkeypatch.setitem(PROJECTIONS, NAME, Escalations)
+    rebuild(world.store, world.db, NAME, from_start=True, batch_size=10_000)
+    assert all_rows(world.db, Escalations()) == live_rows
+
+
+def test_past_its_cache_limit_a_runner_keeps_nothing_and_writes_the_same_rows(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    busy_history(world)
+    projection = Escalations(cache_limit=5)
+    runner = ProjectionRunner(world.store, world.db, [projection])
+    while runner.run_once(limit=4):
+        assert projection._state is None or projection._state.size() <= 5
+    live_rows = all_rows(world.db, Escalations())
+
+    monkeypatch.setitem(PROJECTIONS, NAME, Escalations)
+    rebuild(world.store, world.db, NAME, from_start=True, batch_size=10_000)
+    assert all_rows(world.db, Escalations()) == live_rows

@@ -29,18 +29,19 @@ def contact(minutes: float, nid: int, conversation: str = "c1") -> Contact:
 
 def test_given_two_contacts_in_a_day_when_a_third_comes_24_hours_after_the_first_then_3() -> None:
     window = [contact(0, 1), contact(600, 2)]
-    assert record_contact(window, contact(24 * 60, 3)) == 3
+    assert record_contact(window, contact(24 * 60, 3)) == (3, [])
 
 
 def test_given_two_contacts_when_a_third_comes_a_minute_late_then_the_first_drops() -> None:
     window = [contact(0, 1), contact(600, 2)]
-    assert record_contact(window, contact(24 * 60 + 1, 3)) == 2
+    first = window[0]
+    assert record_contact(window, contact(24 * 60 + 1, 3)) == (2, [first])
     assert [c.notification_id for c in window] == [2, 3]
 
 
 def test_given_a_later_contact_when_an_older_one_arrives_then_it_counts_only_earlier() -> None:
     window = [contact(0, 1), contact(120, 2)]
-    assert record_contact(window, contact(60, 3)) == 2
+    assert record_contact(window, contact(60, 3)) == (2, [])
     assert [c.notification_id for c in window] == [1, 3, 2]
 
 
@@ -56,7 +57,10 @@ def test_in_time_order_the_count_is_the_contacts_of_the_last_24_hours(minutes: l
         new = contact(m, nid)
         history.append(new)
         expected = sum(1 for c in history if new.at - WINDOW <= c.at <= new.at)
-        assert record_contact(window, new) == expected
+        before = [*window, new]
+        count, dropped = record_contact(window, new)
+        assert count == expected
+        assert sorted([*window, *dropped]) == sorted(before)  # dropped: exactly what left
         # Only what a later contact can still count is kept.
         assert all(c.at >= window[-1].at - WINDOW for c in window)
         assert window == sorted(window)
@@ -77,7 +81,7 @@ def test_in_any_arrival_order_a_contact_counts_what_was_not_yet_forgotten(
         remembered = [c for c in history if c.at >= newest - WINDOW]
         expected = 1 + sum(1 for c in remembered if new.at - WINDOW <= c.at <= new.at)
         history.append(new)
-        assert record_contact(window, new) == expected
+        assert record_contact(window, new)[0] == expected
         assert window == sorted(window)
 
 
