@@ -660,8 +660,15 @@ class Distributor:
                 )
 
             recorded += self._record(cid, act)
-        self._to_queue.clear()
+        self._clear_to_queue()
         return recorded
+
+    def _clear_to_queue(self) -> None:
+        # What is wanted for a conversation queued meanwhile by someone else goes too: a new
+        # wait asks again.
+        self._to_queue.clear()
+        self._wanted_queue.clear()
+        self._wanted_priority.clear()
 
     def _priority_for(self, queue: str, c: ConversationState) -> int:
         config = self.queues.get(queue)
@@ -732,6 +739,11 @@ class Distributor:
         self.catch_up()
         now = self.clock().timestamp()
         if not self.decide:
+            # A mirror's to-do lists are the routing process's to do; what it does comes
+            # back through the log.
+            self._clear_to_queue()
+            self._to_release.clear()
+            self._withdrawn.clear()
             self.update_gauges(now)
             return 0
         recorded = self._queue_new()

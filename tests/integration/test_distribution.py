@@ -420,3 +420,47 @@ def test_a_waiting_caller_hears_an_honest_place_and_estimate(center: Center) -> 
     assert distributor.queue_info("CA1", "default") == (1, 150.0, 0)  # half a handle time
     assert distributor.queue_info("CA2", "default") == (2, 450.0, 0)  # one more wave
     assert distributor.queue_info("CA9", "default")[0] == 3  # not in the log yet: last
+
+
+def _to_do(distributor: Distributor) -> list[Any]:
+    return [
+        distributor._to_queue,
+        distributor._wanted_queue,
+        distributor._wanted_priority,
+        distributor._to_release,
+        distributor._withdrawn,
+    ]
+
+
+def test_a_mirror_keeps_the_queues_picture_and_no_to_do_list(center: Center) -> None:
+    """The IVR's mirror (decide=False) follows the same log for its wait estimates; what
+    the routing process must do is not its to do, so nothing of it piles up."""
+    center.agent("ann", capacity={"email": 1})
+    convs = [center.contact(f"m{n}", email=f"c{n}@example.com") for n in range(4)]
+    routing = center.distributor()
+    mirror = Distributor(center.store, center.directory, clock=center.clock, decide=False)
+
+    for _ in range(2):
+        mirror.step()
+        routing.step()
+    center.directory.set_presence("ann", "away", reason="lunch", actor="ann")
+    mirror.step()
+
+    assert [center.conversation(c.id).assignee for c in convs].count("ann") == 1
+    assert mirror.router.depth("default") == routing.router.depth("default") == 3
+    assert all(not todo for todo in _to_do(mirror))
+
+
+def test_a_conversation_queued_by_an_agent_first_leaves_nothing_wanted(
+    center: Center,
+) -> None:
+    center.queue("billing")
+    conv = center.contact("m1", email="a@example.com")
+    distributor = center.distributor()
+    distributor.catch_up()  # it has seen the message: the conversation waits for a queue
+    center.commands.transfer(conv.id, "billing", actor="sue")
+
+    distributor.step()
+
+    assert center.conversation(conv.id).queue == "billing"
+    assert all(not todo for todo in _to_do(distributor))
