@@ -79,12 +79,12 @@ class ContactsWeekly:
                 opened[e.originator_id] = s["customer_id"]
             elif _started_by_customer(e):
                 contacts.append((e.originator_id, iso_week(s["at"])))
-        if opened:
-            tx.executemany(
-                f"INSERT INTO {owners} (conversation_id, customer_id) VALUES (?, ?) "
-                "ON CONFLICT (conversation_id) DO NOTHING",
-                list(opened.items()),
-            )
+        tx.insert_many(
+            owners,
+            ("conversation_id", "customer_id"),
+            list(opened.items()),
+            "ON CONFLICT (conversation_id) DO NOTHING",
+        )
         owner_of = dict(opened)
         unknown = sorted({c for c, _ in contacts if c not in owner_of})
         for start in range(0, len(unknown), 500):
@@ -96,11 +96,12 @@ class ContactsWeekly:
             )
             owner_of.update(tx.fetchall())
         tally = Counter((owner_of[c], week) for c, week in contacts if c in owner_of)
-        tx.executemany(
-            f"INSERT INTO {counts} (customer_id, week, contacts) VALUES (?, ?, ?) "
-            "ON CONFLICT (customer_id, week) DO UPDATE SET contacts = "
-            f"{counts}.contacts + excluded.contacts",
+        tx.insert_many(
+            counts,
+            ("customer_id", "week", "contacts"),
             [(customer, week, n) for (customer, week), n in sorted(tally.items())],
+            f"ON CONFLICT (customer_id, week) DO UPDATE SET contacts = "
+            f"{counts}.contacts + excluded.contacts",
         )
 
 

@@ -48,9 +48,24 @@ class Tx(Protocol):
 
     def executemany(self, sql: str, params_seq: Sequence[Params]) -> None: ...
 
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[Params], tail: str = ""
+    ) -> None:
+        """`INSERT INTO table (columns) <rows> tail` (`tail`: an ON CONFLICT clause). No two
+        rows may have the same key when `tail` updates: one PostgreSQL statement cannot
+        update a row twice."""
+
     def fetchone(self) -> Row | None: ...
 
     def fetchall(self) -> list[Row]: ...
+
+
+def replace_on_conflict(key: str, columns: Sequence[str]) -> str:
+    """The `insert_many` tail that makes it an upsert: a row with the same `key` (one column,
+    or several separated by commas) takes the new values of every other column."""
+    keys = {k.strip() for k in key.split(",")}
+    sets = ", ".join(f"{c}=excluded.{c}" for c in columns if c not in keys)
+    return f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
 
 
 @lru_cache(maxsize=1024)
@@ -77,6 +92,15 @@ class _SQLiteTx:
         if params_seq:
             self._cursor.executemany(sql, params_seq)
 
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[Params], tail: str = ""
+    ) -> None:
+        if rows:
+            marks = ", ".join("?" * len(columns))
+            self._cursor.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) {tail}", rows
+            )
+
     def fetchone(self) -> Row | None:
         row: Row | None = self._cursor.fetchone()
         return row
@@ -88,8 +112,11 @@ class _SQLiteTx:
 class _PostgresTx:
     is_postgres = True
 
-    def __init__(self, cursor: psycopg.Cursor[Row]) -> None:
+    def __init__(
+        self, cursor: psycopg.Cursor[Row], column_types: dict[str, dict[str, str]]
+    ) -> None:
         self._cursor = cursor
+        self._column_types = column_types  # the database's, shared by its transactions
 
     @property
     def rowcount(self) -> int:
@@ -102,6 +129,32 @@ class _PostgresTx:
     def executemany(self, sql: str, params_seq: Sequence[Params]) -> None:
         if params_seq:
             self._cursor.executemany(to_psycopg(sql), [tuple(p) for p in params_seq])
+
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[Params], tail: str = ""
+    ) -> None:
+        """One statement for all the rows, sent as one array per column: psycopg writes
+        arrays of plain values in C, where `executemany` spent 20-40 us of Python per row."""
+        if not rows:
+            return
+        types = self._types(table)
+        arrays = ", ".join(f"%b::{types[c]}[]" for c in columns)
+        self._cursor.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
+            + to_psycopg(tail),
+            [list(column) for column in zip(*rows, strict=True)],
+        )
+
+    def _types(self, table: str) -> dict[str, str]:
+        types = self._column_types.get(table)
+        if types is None:
+            self._cursor.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                (table,),
+            )
+            types = self._column_types[table] = dict(self._cursor.fetchall())
+        return types
 
     def fetchone(self) -> Row | None:
         return self._cursor.fetchone()
@@ -124,6 +177,9 @@ class ReadModelDB:
         self._lock = threading.Lock()
         self._sqlite_connections: list[sqlite3.Connection] = []
         self._pool: Any = None
+        # table -> column -> type, for insert_many (a table's name is never reused for
+        # another layout: generations only count up)
+        self._column_types: dict[str, dict[str, str]] = {}
         if postgres_url is not None:
             self._pool = ConnectionPool(
                 postgres_url, min_size=1, max_size=8, open=True, name="read-models"
@@ -177,7 +233,7 @@ class ReadModelDB:
             conn.read_only = read_only
             # The pool's connection block commits on success and rolls back on error.
             with conn.cursor() as cursor:
-                yield _PostgresTx(cursor)
+                yield _PostgresTx(cursor, self._column_types)
 
     # -- the API ------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 from inbox.domain.time import parse_iso
 from projections.base import Event, table
-from projections.db import ReadModelDB, Tx
+from projections.db import ReadModelDB, Tx, replace_on_conflict
 from projections.inbox_view import QueryError
 from projections.tracking import STATE_TABLE, active_generation
 
@@ -531,15 +531,15 @@ class _Batch:
                 f"DELETE FROM {self.items_table} WHERE conversation_id IN ({_marks(len(chunk))})",
                 chunk,
             )
-        tx.executemany(_upsert(self.conv_table, _CONV_COLUMNS, "id"), conv_rows)
-        tx.executemany(
-            f"INSERT INTO {self.items_table} ({', '.join(_ITEM_COLUMNS)}) "
-            f"VALUES ({_marks(len(_ITEM_COLUMNS))})",
-            item_rows,
+        tx.insert_many(
+            self.conv_table, _CONV_COLUMNS, conv_rows, replace_on_conflict("id", _CONV_COLUMNS)
         )
-        tx.executemany(
-            _upsert(self.cust_table, ("id", "vip"), "id"),
+        tx.insert_many(self.items_table, _ITEM_COLUMNS, item_rows)
+        tx.insert_many(
+            self.cust_table,
+            ("id", "vip"),
             [(c, int(self.vips[c])) for c in sorted(self.dirty_custs)],
+            replace_on_conflict("id", ("vip",)),
         )
         # Deletes first: a contact that left a customer and came back is deleted, then
         # inserted again.
@@ -547,23 +547,15 @@ class _Batch:
             f"DELETE FROM {self.contact_table} WHERE customer_id=? AND notification_id=?",
             sorted(self.gone),
         )
-        tx.executemany(
-            f"INSERT INTO {self.contact_table} ({', '.join(_CONTACT_COLUMNS)}) "
-            f"VALUES ({_marks(len(_CONTACT_COLUMNS))})",
+        tx.insert_many(
+            self.contact_table,
+            _CONTACT_COLUMNS,
             [
                 (cust, c.notification_id, c.conversation_id, c.at_text)
                 for cust, contacts in sorted(self.new_contacts.items())
                 for c in contacts.values()
             ],
         )
-
-
-def _upsert(name: str, columns: Sequence[str], key: str) -> str:
-    sets = ", ".join(f"{c}=excluded.{c}" for c in columns if c != key)
-    return (
-        f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({_marks(len(columns))}) "
-        f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
-    )
 
 
 class Escalations:

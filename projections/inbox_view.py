@@ -30,7 +30,7 @@ from inbox.domain.sla import SlaPolicy, earliest_due, running_clocks
 from inbox.domain.time import iso, parse_iso
 from inbox.identity import InvalidIdentity, parse_key
 from projections.base import Event, table
-from projections.db import ReadModelDB, Tx
+from projections.db import ReadModelDB, Tx, replace_on_conflict
 from projections.tracking import active_table
 
 NAME = "inbox"
@@ -103,13 +103,6 @@ _CHUNK = 500
 
 class QueryError(ValueError):
     """A filter, limit or cursor the inbox view cannot answer (an HTTP 400)."""
-
-
-def _upsert(name: str, columns: Sequence[str], key: str) -> str:
-    cols = ", ".join(columns)
-    marks = ", ".join("?" * len(columns))
-    sets = ", ".join(f"{c}=excluded.{c}" for c in columns if c != key)
-    return f"INSERT INTO {name} ({cols}) VALUES ({marks}) ON CONFLICT ({key}) DO UPDATE SET {sets}"
 
 
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
@@ -472,10 +465,13 @@ class _Batch:
             convs = self.convs
             self._compute_sla()
             rows = [convs[conv_id] for conv_id in self.dirty_convs]
-            tx.executemany(_upsert(self.conv_table, _CONV_COLUMNS, "id"), rows)
+            tx.insert_many(
+                self.conv_table, _CONV_COLUMNS, rows, replace_on_conflict("id", _CONV_COLUMNS)
+            )
         if self.dirty_custs:
-            tx.executemany(
-                _upsert(self.cust_table, _CUST_COLUMNS, "id"),
+            tx.insert_many(
+                self.cust_table,
+                _CUST_COLUMNS,
                 [
                     (
                         cust_id,
@@ -488,15 +484,18 @@ class _Batch:
                     for cust_id in self.dirty_custs
                     for c in (self.custs[cust_id],)
                 ],
+                replace_on_conflict("id", _CUST_COLUMNS),
             )
         if self.dirty_claims:
-            tx.executemany(
-                _upsert(self.claim_table, _CLAIM_COLUMNS, "claim_id"),
+            tx.insert_many(
+                self.claim_table,
+                _CLAIM_COLUMNS,
                 [
                     (claim_id, c["key"], c["customer_id"])
                     for claim_id in self.dirty_claims
                     for c in (self.claims[claim_id],)
                 ],
+                replace_on_conflict("claim_id", _CLAIM_COLUMNS),
             )
 
     # -- conversation events ------------------------------------------------------------

@@ -155,16 +155,15 @@ def roll_ups(key: Key) -> list[Key]:
     return rows
 
 
+def _add_counters(tx: Tx, table_name: str, key: str, rows: list[list[Any]]) -> None:
+    """Adds each row's counters to the stored row (inserted when there is none)."""
+    tx.insert_many(table_name, [*key.split(", "), *COLUMNS], rows, _adding(table_name, key))
+
+
 @lru_cache(maxsize=64)
-def _upsert_sql(table_name: str, key: str) -> str:
-    """Adds a row's counters to the stored row (inserted when there is none)."""
-    names = ", ".join(COLUMNS)
-    marks = ", ".join("?" * (_N + key.count(",") + 1))
+def _adding(table_name: str, key: str) -> str:
     sets = ", ".join(f"{c}={table_name}.{c}+excluded.{c}" for c in COLUMNS)
-    return (
-        f"INSERT INTO {table_name} ({key}, {names}) VALUES ({marks}) "
-        f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
-    )
+    return f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
 
 
 @dataclass(frozen=True)
@@ -178,10 +177,11 @@ class Changes:
 def write_changes(tx: Tx, generation: int, changes: Changes) -> None:
     """Writes a batch's `Changes`: each state row replaced, each counter row's sums added to
     (the rows of every roll-up of the deltas; see `roll_up`)."""
-    tx.executemany(
-        f"INSERT INTO {table(STATE, generation)} (kind, id, data) VALUES (?, ?, ?) "
-        "ON CONFLICT (kind, id) DO UPDATE SET data=excluded.data",
+    tx.insert_many(
+        table(STATE, generation),
+        ("kind", "id", "data"),
         changes.states,
+        "ON CONFLICT (kind, id) DO UPDATE SET data=excluded.data",
     )
     cube, hours = roll_up(changes.deltas)
     # In the order the batch first touched them (about time order): sorting them in
@@ -191,11 +191,11 @@ def write_changes(tx: Tx, generation: int, changes: Changes) -> None:
         (hours, HOURLY, "channel, queue, hour"),
     ):
         everyone = [[c, q, t, *v] for (c, q, a, t), v in rows_of.items() if a == ALL]
-        tx.executemany(_upsert_sql(table(name, generation), key), everyone)
+        _add_counters(tx, table(name, generation), key, everyone)
     agents = [[a, slot, c, q, *v] for (c, q, a, slot), v in cube.items() if a != ALL]
-    tx.executemany(_upsert_sql(table(AGENTS, generation), "agent, slot, channel, queue"), agents)
+    _add_counters(tx, table(AGENTS, generation), "agent, slot, channel, queue", agents)
     agent_hours = [[a, hour, *v] for (_, _, a, hour), v in hours.items() if a != ALL]
-    tx.executemany(_upsert_sql(table(AGENT_HOURS, generation), "agent, hour"), agent_hours)
+    _add_counters(tx, table(AGENT_HOURS, generation), "agent, hour", agent_hours)
 
 
 class Metrics:

@@ -178,12 +178,7 @@ class Timeline:
 
     @staticmethod
     def _insert(tx: Tx, entries: str, rows: list[tuple[Any, ...]]) -> None:
-        if rows:
-            tx.executemany(
-                f"INSERT INTO {entries} ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                rows,
-            )
+        tx.insert_many(entries, _COLUMNS, rows)
 
 
 # What an erasure (`inbox forget`) blanks in entries already written.

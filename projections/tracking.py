@@ -201,6 +201,11 @@ class _DDL:
     def executemany(self, sql: str, params_seq: Sequence[Sequence[Any]]) -> None:
         self.statements.append(sql)
 
+    def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], tail: str = ""
+    ) -> None:
+        self.statements.append(f"INSERT INTO {table} ({', '.join(columns)}) {tail}")
+
     def fetchone(self) -> Row | None:
         return None
 

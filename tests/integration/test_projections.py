@@ -24,7 +24,7 @@ from inbox.domain.sla import SlaPolicy
 from inbox.ingest import Ingestor
 from infra.store import ContactEventRow, EventStore
 from projections.base import Projection
-from projections.db import ReadModelDB, Tx, open_read_models
+from projections.db import IntegrityError, ReadModelDB, Tx, open_read_models, replace_on_conflict
 from projections.inbox_view import InboxView, QueryError, get_customer, list_conversations
 from projections.replay import PROJECTIONS, rebuild
 from projections.runner import Lead, ProjectionRunner
@@ -731,6 +731,41 @@ def test_read_model_db_translates_placeholders(world: World) -> None:
         assert tx.execute("SELECT COUNT(*) FROM scratch_t").fetchone() == (2,)
     assert world.db.table_exists("scratch_t")
     assert not world.db.table_exists("no_such_table")
+
+
+def test_insert_many_inserts_upserts_and_keeps_nulls_on_both_databases(world: World) -> None:
+    columns = ("k", "n", "big", "note")
+    with world.db.transaction() as tx:
+        tx.execute(
+            "CREATE TABLE scratch_m (k TEXT PRIMARY KEY, n INTEGER NOT NULL, big BIGINT, note TEXT)"
+        )
+        tx.insert_many("scratch_m", columns, [])  # nothing to write: no statement
+        tx.insert_many(
+            "scratch_m",
+            columns,
+            [("a", 1, None, None), ("b%", 2, None, None), ("c", 3, None, None)],
+        )
+    with world.db.transaction() as tx:
+        tx.insert_many(
+            "scratch_m",
+            columns,
+            [["a", 10, 2**40, "x"], ["d", 4, None, "it's 100%"]],
+            replace_on_conflict("k", columns),
+        )
+        tx.insert_many("scratch_m", columns, [("c", 30, 5, "kept?")], "ON CONFLICT (k) DO NOTHING")
+    with world.db.read() as tx:
+        assert tx.execute("SELECT k, n, big, note FROM scratch_m ORDER BY k").fetchall() == [
+            ("a", 10, 2**40, "x"),
+            ("b%", 2, None, None),
+            ("c", 3, None, None),
+            ("d", 4, None, "it's 100%"),
+        ]
+
+    # A failing insert changes nothing (here: a second row with a key already stored).
+    with pytest.raises(IntegrityError), world.db.transaction() as tx:
+        tx.insert_many("scratch_m", columns, [("e", 5, None, None), ("a", 6, None, None)])
+    with world.db.read() as tx:
+        assert tx.execute("SELECT COUNT(*) FROM scratch_m").fetchone() == (4,)
 
 
 def test_an_edited_policy_applies_from_then_on_or_to_history_on_request(world: World) -> None:
