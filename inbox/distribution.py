@@ -206,6 +206,9 @@ class Distributor:
         self.clock = clock
         self.batch_size = batch_size
         self.position = 0
+        # The record at `position` (id, topic, originator, version): a saved state is taken
+        # up only from a store with the same record there, not from another store's history.
+        self.last_read: tuple[Any, ...] | None = None
         self.caught_up = False
         self.convs: dict[str, ConversationState] = {}
         self.queues: dict[str, QueueConfig] = {}
@@ -259,6 +262,12 @@ class Distributor:
                 state = routing_state.load(data, self.router.settings)
             if state.keys() != vars(self).keys() - _NOT_STATE or state["position"] != position:
                 raise routing_state.UnreadableState("not a state of this distributor")
+            if position and [tuple(r[:4]) for r in read_log(self.log, position - 1, 1)] != [
+                state["last_read"]
+            ]:
+                raise routing_state.UnreadableState(
+                    f"the event store holds another record at position {position}"
+                )
         except routing_state.UnreadableState as exc:
             log.warning("%s: saved state not used (%s): reading the log", self.state_name, exc)
             return False
@@ -299,6 +308,7 @@ class Distributor:
                 for event in decode(records, HANDLES):
                     self.apply(event)
             self.position = records[-1][0]
+            self.last_read = tuple(records[-1][:4])
             total += len(records)
             self.stats.read += len(records)
 

@@ -7,7 +7,9 @@ step. Two rules keep that safe:
 
 - it is read back only by the same code, with the same router settings, that wrote it: a
   fingerprint of the sources whose classes it holds (inbox/distribution.py, inbox/domain/,
-  ivr/estimate.py) and of Python's version; anything else reads the whole log again;
+  ivr/estimate.py) and of Python's version; anything else reads the whole log again (and so
+  does a store whose record at the saved position is not the one it was saved after:
+  `Distributor.restore`);
 - reading it builds only classes of this project and a few plain types of the standard
   library: a row someone else wrote cannot run code in the routing process.
 """
