@@ -20,7 +20,7 @@ from typing import Any
 
 from projections.base import Pipelined
 from projections.db import ReadModelDB, Tx
-from projections.runner import Record, decode, gc_paused
+from projections.runner import Record, decode, gc_paused, record_id
 from projections.tracking import PositionConflict, advance
 
 # Batches sent and not yet committed: two keep the writer busy while the next one is decided.
@@ -65,7 +65,7 @@ class Writer:
         while len(self._sent) >= DEPTH:
             self._acknowledged()
         try:
-            self._conn.send((position, new_position, changes))
+            self._conn.send((position, new_position, record_id(records[-1]), changes))
         except OSError:
             raise self._ended(new_position) from None
         self._sent.append((new_position, len(records)))
@@ -120,10 +120,18 @@ def _serve(
     db = ReadModelDB(**location)
     try:
         while (item := conn.recv()) is not None:
-            position, new_position, changes = item
+            position, new_position, record, changes = item
             try:
                 with db.transaction() as tx:
-                    advance(tx, name, generation, position, new_position, require_active=False)
+                    advance(
+                        tx,
+                        name,
+                        generation,
+                        position,
+                        new_position,
+                        require_active=False,
+                        record=record,
+                    )
                     write(tx, generation, changes)
             except PositionConflict as error:
                 conn.send(("conflict", str(error)))

@@ -27,7 +27,14 @@ from projections.escalations import Escalations
 from projections.inbox_view import InboxView
 from projections.metrics import Metrics
 from projections.pipeline import Writer
-from projections.runner import LogSource, ProjectionRunner, apply_batch, gc_paused, read_log
+from projections.runner import (
+    LogSource,
+    ProjectionRunner,
+    apply_batch,
+    diverged,
+    gc_paused,
+    read_log,
+)
 from projections.timeline import Timeline
 from projections.tracking import (
     STATE_TABLE,
@@ -119,6 +126,7 @@ def rebuild(
         not from_start
         and unfinished
         and unfinished[-1].layout == layout(proj, postgres=db.is_postgres)
+        and diverged(store, unfinished[-1]) is None
     ):
         target = unfinished[-1]
     for stale in unfinished:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
+from uuid import UUID
 
 import orjson
 from eventsourcing.persistence import Notification
@@ -34,8 +35,10 @@ from infra.store import EventStore
 from projections.base import Event, Projection
 from projections.db import DatabaseError, ReadModelDB
 from projections.tracking import (
+    GenerationState,
     PositionConflict,
     advance,
+    drop_generation,
     ensure_active,
     ensure_current,
     ensure_state_table,
@@ -115,6 +118,29 @@ def read_log(store: LogSource, after: int, limit: int) -> list[Record]:
         ]
 
 
+def record_id(record: Record) -> str:
+    """What identifies a record of the log: its id, aggregate, version and event type (an
+    erasure rewrites only its state)."""
+    nid, topic, oid, version, _ = record
+    return f"{nid} {UUID(oid)} {version} {topic}"
+
+
+def diverged(store: LogSource, state: GenerationState) -> str | None:
+    """Why the log is not the history a generation was built from (a store restored from an
+    older backup, or another store); None when nothing says so."""
+    if state.position == 0:
+        return None
+    head = store.max_notification_id()
+    if state.position > head:
+        return f"is at position {state.position}, past the end of the event store ({head})"
+    if state.last_record is None:
+        return None  # written by a version that did not record it: nothing to compare
+    found = read_log(store, state.position - 1, 1)
+    if not found or record_id(found[0]) != state.last_record:
+        return f"was built from another history than the event store's at {state.position}"
+    return None
+
+
 def event_name(topic: str) -> str:
     """`inbox.domain.conversation:Conversation.Opened` -> `Conversation.Opened`."""
     name = _names.get(topic)
@@ -166,6 +192,7 @@ def apply_batch(
                 position,
                 new_position,
                 require_active=require_active,
+                record=record_id(records[-1]),
             )
             if events:
                 projection.apply(tx, generation, events, position=position)
@@ -237,7 +264,20 @@ class ProjectionRunner:
         if not self._ready:
             ensure_state_table(self.db)
             for projection in self.projections:
-                ensure_current(self.db, projection)
+                state = ensure_current(self.db, projection)
+                reason = diverged(self.store, state)
+                if reason is not None:
+                    # Its rows show events the log does not hold, and it would skip the ones
+                    # it does: derived data, so it is made again.
+                    log.warning(
+                        "read model %s: generation %d %s; it is dropped and rebuilt from the "
+                        "start of the log",
+                        projection.name,
+                        state.generation,
+                        reason,
+                    )
+                    drop_generation(self.db, projection, state.generation)
+                    ensure_current(self.db, projection)
             self._ready = True
 
     def positions(self) -> dict[str, tuple[int, int]]:

@@ -37,6 +37,9 @@ class GenerationState:
     finished_at: str | None
     retired_at: str | None
     layout: str | None  # None: made before layouts were recorded
+    # What the log holds at `position` (`runner.record_id`): None before the first batch, or
+    # when written by a version that did not record it.
+    last_record: str | None = None
 
 
 def now() -> str:
@@ -49,27 +52,31 @@ def ensure_state_table(db: ReadModelDB) -> None:
             f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
             "name TEXT NOT NULL, generation INTEGER NOT NULL, position BIGINT NOT NULL, "
             "active INTEGER NOT NULL, started_at TEXT NOT NULL, finished_at TEXT, "
-            "retired_at TEXT, updated_at TEXT, layout TEXT, PRIMARY KEY (name, generation))"
+            "retired_at TEXT, updated_at TEXT, layout TEXT, last_record TEXT, "
+            "PRIMARY KEY (name, generation))"
         )
-    if not _has_layout(db):
-        try:  # a table made before layouts were recorded
-            with db.transaction() as tx:
-                tx.execute(f"ALTER TABLE {STATE_TABLE} ADD COLUMN layout TEXT")
-        except DatabaseError:
-            if not _has_layout(db):  # (not another process adding it at the same moment)
-                raise
+    for column in ("layout", "last_record"):  # a table made before they were recorded
+        if not _has_column(db, column):
+            try:
+                with db.transaction() as tx:
+                    tx.execute(f"ALTER TABLE {STATE_TABLE} ADD COLUMN {column} TEXT")
+            except DatabaseError:
+                if not _has_column(db, column):  # (not another process adding it just now)
+                    raise
 
 
-def _has_layout(db: ReadModelDB) -> bool:
+def _has_column(db: ReadModelDB, column: str) -> bool:
     try:
         with db.read() as tx:
-            tx.execute(f"SELECT layout FROM {STATE_TABLE} WHERE 1=0")
+            tx.execute(f"SELECT {column} FROM {STATE_TABLE} WHERE 1=0")
         return True
     except DatabaseError:
         return False
 
 
-_COLUMNS = "name, generation, position, active, started_at, finished_at, retired_at, layout"
+_COLUMNS = (
+    "name, generation, position, active, started_at, finished_at, retired_at, layout, last_record"
+)
 
 
 def _state(row: tuple[object, ...]) -> GenerationState:
@@ -82,6 +89,7 @@ def _state(row: tuple[object, ...]) -> GenerationState:
         finished_at=None if row[5] is None else str(row[5]),
         retired_at=None if row[6] is None else str(row[6]),
         layout=None if row[7] is None else str(row[7]),
+        last_record=None if row[8] is None else str(row[8]),
     )
 
 
@@ -126,7 +134,7 @@ def new_generation(db: ReadModelDB, projection: Projection, *, active: bool) -> 
                 started = now()
                 tx.execute(
                     f"INSERT INTO {STATE_TABLE} ({_COLUMNS}, updated_at) "
-                    "VALUES (?, ?, 0, ?, ?, ?, NULL, ?, ?)",
+                    "VALUES (?, ?, 0, ?, ?, ?, NULL, ?, NULL, ?)",
                     (
                         projection.name,
                         generation,
@@ -296,16 +304,24 @@ def _columns(tx: Tx, name: str) -> list[tuple[Any, ...]]:
 
 
 def advance(
-    tx: Tx, name: str, generation: int, expected: int, position: int, *, require_active: bool
+    tx: Tx,
+    name: str,
+    generation: int,
+    expected: int,
+    position: int,
+    *,
+    require_active: bool,
+    record: str,
 ) -> None:
-    """Moves the position from `expected` to `position`, or raises PositionConflict."""
+    """Moves the position from `expected` to `position` (where the log holds `record`), or
+    raises PositionConflict."""
     sql = (
-        f"UPDATE {STATE_TABLE} SET position=?, updated_at=? "
+        f"UPDATE {STATE_TABLE} SET position=?, last_record=?, updated_at=? "
         "WHERE name=? AND generation=? AND position=?"
     )
     if require_active:
         sql += " AND active=1"
-    tx.execute(sql, (position, now(), name, generation, expected))
+    tx.execute(sql, (position, record, now(), name, generation, expected))
     if tx.rowcount != 1:
         raise PositionConflict(f"{name} generation {generation} is no longer at {expected}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,30 @@ def store(database_url: str, settings: SettingsFactory) -> Iterator[EventStore]:
         yield opened
     finally:
         opened.close()
+
+
+@pytest.fixture
+def other_store(
+    database_url: str, settings: SettingsFactory, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[EventStore]:
+    """A second empty event store of the same kind (another site's, one started again)."""
+    if database_url.startswith("sqlite"):
+        (tmp_path / "other").mkdir()
+        url = f"sqlite:///{tmp_path / 'other' / 'inbox.db'}"
+        opened = open_event_store(settings(url, bootstrap=None))
+        try:
+            yield opened
+        finally:
+            opened.close()
+        return
+    server = request.getfixturevalue("postgresql_proc")
+    name = server.create_database()
+    opened = open_event_store(settings(server.url(name), bootstrap=None))
+    try:
+        yield opened
+    finally:
+        opened.close()
+        server.drop_database(name)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ runner and the rebuild read them back from the store's notification log."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -868,7 +869,7 @@ def test_a_generation_of_these_tables_keeps_its_rows_and_gets_new_indexes(world:
         assert tx.fetchone() == (1,)
 
 
-def test_a_state_table_from_before_layouts_gets_the_column(
+def test_a_state_table_from_before_layouts_gets_the_columns(
     database_url: str, settings: SettingsFactory
 ) -> None:
     db = open_read_models(settings(database_url, bootstrap=None))
@@ -889,8 +890,76 @@ def test_a_state_table_from_before_layouts_gets_the_column(
             state = active_generation(tx, "inbox")
         assert state is not None
         assert (state.generation, state.position, state.layout) == (1, 7, None)
+        assert state.last_record is None
     finally:
         db.close()
+
+
+def _inbox_rows(w: World) -> dict[str, list[tuple[Any, ...]]]:
+    return rows(w.db, active_tables(w.db, InboxView()))
+
+
+def test_read_models_of_another_history_are_rebuilt_from_the_start(
+    world: World, other_store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read models were kept and the event store is another one (another site's, one
+    started again) that has grown past their position: the rows they hold are not its
+    history, and following it from there would skip its first events."""
+    busy_history(world, customers=3)
+    world.catch_up()
+    other = World(other_store, world.db, Ingestor(other_store))
+    other.ingest(contact("elsewhere", 0, email="elsewhere@example.com"))
+    busy_history(other, customers=5)
+    assert other_store.max_notification_id() > world.store.max_notification_id()
+
+    with caplog.at_level(logging.WARNING, logger="projections.runner"):
+        other.catch_up()
+
+    assert "built from another history" in caplog.text
+    with world.db.read() as tx:
+        assert [(s.generation, s.active) for s in generations(tx, "inbox")] == [
+            (1, False),  # dropped
+            (2, True),
+        ]
+    live = _inbox_rows(other)
+    rebuild(other_store, world.db, "inbox", from_start=True)
+    assert _inbox_rows(other) == live
+
+
+def test_read_models_past_the_end_of_the_log_are_rebuilt_from_the_start(
+    world: World, other_store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As after restoring the event store from an older backup: the read models are at a
+    position the store does not have yet."""
+    busy_history(world, customers=3)
+    world.catch_up()
+    other = World(other_store, world.db, Ingestor(other_store))
+    other.ingest(contact("later", 0, email="later@example.com"))
+
+    with caplog.at_level(logging.WARNING, logger="projections.runner"):
+        other.catch_up()
+
+    assert "past the end of the event store" in caplog.text
+    with world.db.read() as tx:
+        conversations = active_tables(world.db, InboxView())[0]
+        assert tx.execute(f"SELECT COUNT(*) FROM {conversations}").fetchone() == (1,)
+
+
+def test_read_models_of_this_history_are_kept_and_an_older_position_is_trusted(
+    world: World,
+) -> None:
+    busy_history(world, customers=3)
+    world.catch_up()
+    before = _inbox_rows(world)
+    with world.db.transaction() as tx:  # as written by a version that did not record it
+        tx.execute("UPDATE projection_state SET last_record=NULL WHERE name='timeline'")
+    world.ingest(contact("more", 500, email="c1@example.com"))
+    world.catch_up()
+    with world.db.read() as tx:
+        states = [s for n in ("inbox", "timeline") for s in generations(tx, n)]
+    assert [(s.name, s.generation) for s in states] == [("inbox", 1), ("timeline", 1)]
+    assert all(s.last_record is not None for s in states)  # recorded again with the batch
+    assert _inbox_rows(world) != before
 
 
 def test_an_unfinished_rebuild_of_other_tables_is_not_resumed(world: World) -> None:
@@ -915,6 +984,32 @@ def test_an_unfinished_rebuild_of_other_tables_is_not_resumed(world: World) -> N
             (2, False),
             (3, True),
         ]
+
+
+def test_an_unfinished_rebuild_of_another_history_is_not_resumed(
+    world: World, other_store: EventStore
+) -> None:
+    busy_history(world, customers=3)
+    world.catch_up()
+
+    class Stop(Exception):
+        pass
+
+    def stop(position: int, head: int) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        rebuild(world.store, world.db, "inbox", from_start=True, progress=stop, batch_size=10)
+    other = World(other_store, world.db, Ingestor(other_store))
+    other.ingest(contact("elsewhere", 0, email="elsewhere@example.com"))
+    busy_history(other, customers=3)
+
+    result = rebuild(other_store, world.db, "inbox", from_start=False, batch_size=10)
+
+    assert result.generation == 3  # a new one: generation 2 holds the other history's rows
+    live = _inbox_rows(other)
+    rebuild(other_store, world.db, "inbox", from_start=True)
+    assert _inbox_rows(other) == live
 
 
 def test_reading_the_positions_never_waits_for_a_writer(world: World) -> None:

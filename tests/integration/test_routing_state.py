@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from inbox.distribution import Distributor
 from inbox.domain.routing import Router
 from inbox.ingest import Ingestor
 from infra import composition
-from infra.store import open_event_store
+from infra.store import EventStore
 from projections.db import ReadModelDB
 from projections.process_state import ReadModelProcessStates
 from tests.conftest import SettingsFactory
@@ -210,28 +209,10 @@ def test_a_saved_state_is_used_only_by_the_same_code_and_settings_of_a_store_tha
     assert _distributor(center, states).restore()
 
 
-@pytest.fixture
-def another_database_url(
-    database_url: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[str]:
-    """A second, empty event store of the same kind."""
-    if database_url.startswith("sqlite"):
-        (tmp_path / "other").mkdir()
-        yield f"sqlite:///{tmp_path / 'other' / 'inbox.db'}"
-        return
-    server = request.getfixturevalue("postgresql_proc")
-    name = server.create_database()
-    try:
-        yield server.url(name)
-    finally:
-        server.drop_database(name)
-
-
 def test_a_saved_state_is_not_taken_up_from_another_store_that_has_grown_past_it(
     center: Center,  # noqa: F811
     db: ReadModelDB,
-    another_database_url: str,
-    settings: SettingsFactory,
+    other_store: EventStore,
 ) -> None:
     """The read models were kept, the event store was swapped for another (a backup of
     another site, a store started again): its record at the saved position is not the one
@@ -241,25 +222,21 @@ def test_a_saved_state_is_not_taken_up_from_another_store_that_has_grown_past_it
     _a_busy_morning(center, running)
     assert running.save_state()
 
-    store = open_event_store(settings(another_database_url, bootstrap=None))
-    try:
-        clock = FakeClock()
-        other = Center(
-            store,
-            clock,
-            Directory(store, admin_token="admin-token", clock=clock),
-            Commands(store, clock=clock),
-            Ingestor(store),
-        )
-        other.contact("x0", email="first@example.com")  # the same morning, one contact later
-        _a_busy_morning(other, Distributor(store, other.directory, clock=clock))
-        assert store.max_notification_id() > running.position
+    store, clock = other_store, FakeClock()
+    other = Center(
+        store,
+        clock,
+        Directory(store, admin_token="admin-token", clock=clock),
+        Commands(store, clock=clock),
+        Ingestor(store),
+    )
+    other.contact("x0", email="first@example.com")  # the same morning, one contact later
+    _a_busy_morning(other, Distributor(store, other.directory, clock=clock))
+    assert store.max_notification_id() > running.position
 
-        swapped = Distributor(store, other.directory, clock=clock, states=states)
-        assert not swapped.restore()
-        assert swapped.catch_up() == len(store.notifications(0, 1_000_000))
-    finally:
-        store.close()
+    swapped = Distributor(store, other.directory, clock=clock, states=states)
+    assert not swapped.restore()
+    assert swapped.catch_up() == len(store.notifications(0, 1_000_000))
     assert _distributor(center, states).restore()  # the store it was saved from
 
 
