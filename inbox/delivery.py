@@ -426,7 +426,9 @@ class DeliveryService:
         self.setup()
         position = outbox_position(self.db)
         head = self.store.max_notification_id()
-        if head <= position:
+        if head < position:
+            return self._behind(position, head), True
+        if head == position:
             return 0, False
         notifications = self.store.recorder.select_notifications(
             position,
@@ -482,6 +484,24 @@ class DeliveryService:
             log.info("outbox position moved by another follower; reading again")
             return 0, True
         return len(rows), full
+
+    def _behind(self, position: int, head: int) -> int:
+        """The event store ends before what was taken in: it was restored from an older
+        backup. What it holds up to its head was taken in; what it records next is new,
+        though its ids were taken in once already, so the position moves back to its head
+        (waiting for the store to pass the old position would skip those replies)."""
+        log.warning(
+            "outbox follower: at position %d, but the event store ends at %d (restored from "
+            "a backup?): following it from there",
+            position,
+            head,
+        )
+        with self.db.transaction() as tx:
+            tx.execute(
+                f"UPDATE {POSITION_TABLE} SET position=?, updated_at=? WHERE name=? AND position=?",
+                (head, self._now(), FOLLOWER, position),
+            )
+        return 0
 
     # -- the dispatcher -------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ def rebuild(
         not from_start
         and unfinished
         and unfinished[-1].layout == layout(proj, postgres=db.is_postgres)
-        and diverged(store, unfinished[-1]) is None
+        and diverged(store, unfinished[-1].position, unfinished[-1].last_record) is None
     ):
         target = unfinished[-1]
     for stale in unfinished:

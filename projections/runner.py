@@ -35,7 +35,6 @@ from infra.store import EventStore
 from projections.base import Event, Projection
 from projections.db import DatabaseError, ReadModelDB
 from projections.tracking import (
-    GenerationState,
     PositionConflict,
     advance,
     drop_generation,
@@ -125,19 +124,20 @@ def record_id(record: Record) -> str:
     return f"{nid} {UUID(oid)} {version} {topic}"
 
 
-def diverged(store: LogSource, state: GenerationState) -> str | None:
-    """Why the log is not the history a generation was built from (a store restored from an
-    older backup, or another store); None when nothing says so."""
-    if state.position == 0:
+def diverged(store: LogSource, position: int, last_record: str | None) -> str | None:
+    """Why the log is not the history something that followed it to `position`, where it
+    saw `last_record`, was built from (a store restored from an older backup, or another
+    store); None when nothing says so."""
+    if position == 0:
         return None
     head = store.max_notification_id()
-    if state.position > head:
-        return f"is at position {state.position}, past the end of the event store ({head})"
-    if state.last_record is None:
+    if position > head:
+        return f"is at position {position}, past the end of the event store ({head})"
+    if last_record is None:
         return None  # written by a version that did not record it: nothing to compare
-    found = read_log(store, state.position - 1, 1)
-    if not found or record_id(found[0]) != state.last_record:
-        return f"was built from another history than the event store's at {state.position}"
+    found = read_log(store, position - 1, 1)
+    if not found or record_id(found[0]) != last_record:
+        return f"was built from another history than the event store's at {position}"
     return None
 
 
@@ -265,7 +265,7 @@ class ProjectionRunner:
             ensure_state_table(self.db)
             for projection in self.projections:
                 state = ensure_current(self.db, projection)
-                reason = diverged(self.store, state)
+                reason = diverged(self.store, state.position, state.last_record)
                 if reason is not None:
                     # Its rows show events the log does not hold, and it would skip the ones
                     # it does: derived data, so it is made again.

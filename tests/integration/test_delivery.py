@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+import orjson
 import pytest
+from eventsourcing.persistence import Tracking
 
 from adapters.kafka import KafkaPublisher
 from adapters.outbound import (
@@ -29,6 +32,7 @@ from adapters.outbound import (
     TemporaryFailure,
 )
 from inbox.commands import Commands
+from inbox.contact import parse_contact_event
 from inbox.delivery import (
     FAILED,
     HELD,
@@ -38,14 +42,16 @@ from inbox.delivery import (
     OutboxEntry,
     RoundResult,
     ensure_outbox_tables,
+    outbox_position,
     outbox_status,
 )
 from inbox.domain import ids
 from inbox.domain.conversation import Conversation
 from inbox.domain.time import iso
+from inbox.ingest import Ingestor
 from inbox.worker import IngestWorker
 from infra.broker import free_port
-from infra.store import EventStore
+from infra.store import ContactEventRow, EventStore
 from projections.db import ReadModelDB
 from tests.conftest import TopicFactory
 from tests.support import (
@@ -489,6 +495,37 @@ async def test_replies_without_a_sender_or_an_address_are_held_without_an_event(
     recorded = await wait_until(lambda: world.statuses(conversation), what="the sent status")
     assert [(s.message_id, s.status) for s in recorded] == [(later, "sent")]
     assert [m.message_id for m in twilio.sent] == [later]
+
+
+async def test_after_the_store_is_restored_from_an_older_backup_new_replies_are_sent(
+    world: World, other_store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read-model database (and its outbox) kept, the event store restored from a
+    backup that ends before the follower's position: the replies it records next get ids the
+    follower had passed already, and must be sent all the same."""
+    phones = ["+14155550201", "+14155550202"]
+    await world.take_in(*(sms(f"SM-b{i}", phone) for i, phone in enumerate(phones)))
+    for phone in phones:
+        world.reply(world.conversation_of(f"phone:{phone}"), "before the restore")
+    assert await asyncio.to_thread(world.service({}).follow_until_caught_up) == 2
+    passed = outbox_position(world.db)
+    restored = World(other_store, world.db, world.worker, world.publisher, "", world.topic)
+    event = parse_contact_event(orjson.dumps(sms("SM-b9", "+14155550209")))
+    Ingestor(other_store).apply_batch(
+        [(event, ContactEventRow(event.event_id, world.topic, 0, 0))],
+        Tracking(f"{world.topic}:0", 1),
+    )
+    assert other_store.max_notification_id() < passed
+
+    follower = restored.service({})
+    with caplog.at_level(logging.WARNING, logger="inbox.delivery"):
+        assert await asyncio.to_thread(follower.follow_until_caught_up) == 0
+    assert "event store ends at" in caplog.text
+    after = restored.reply(restored.conversation_of("phone:+14155550209"), "after it")
+    assert other_store.max_notification_id() <= passed  # ids the follower had passed before
+
+    assert await asyncio.to_thread(follower.follow_until_caught_up) == 1
+    assert restored.status(after).status == PENDING
 
 
 async def test_a_restart_neither_loses_nor_duplicates_outbox_rows(world: World) -> None:
