@@ -217,8 +217,11 @@ class Distributor:
         self.queue_names: dict[str, str] = {}  # aggregate id -> queue name
         self._wanted_queue: dict[str, tuple[str, str]] = {}
         self._wanted_priority: dict[str, int] = {}  # the IVR's priority for a queued call
-        self.calls: dict[str, str] = {}  # call sid -> conversation id
-        self.callbacks: dict[str, str] = {}  # callback id -> conversation id
+        # call sid -> conversation id, until the call ends
+        self.calls: dict[str, str] = {}
+        # callback id -> conversation id, until the callback is done (completed, cancelled
+        # or failed: no event follows those)
+        self.callbacks: dict[str, str] = {}
         self.callbacks_open: set[str] = set()
         self.presence: dict[str, str] = {}  # agent id -> available | away | offline
         self.handle_times = HandleTimes(clock=clock)
@@ -325,13 +328,15 @@ class Distributor:
             self.callbacks_open.add(e.originator_id)
         elif name in ("Callback.Completed", "Callback.Cancelled"):
             self.callbacks_open.discard(e.originator_id)
+            self.callbacks.pop(e.originator_id, None)
         elif name == "Callback.Failed":
             self.callbacks_open.discard(e.originator_id)
             # every attempt failed: the customer no longer waits for us
-            failed = self.convs.get(self.callbacks.get(e.originator_id, ""))
+            cid = self.callbacks.pop(e.originator_id, "")
+            failed = self.convs.get(cid)
             if failed is not None and failed.assignee is None:
                 failed.waiting_since = None
-                self.router.withdraw(self.callbacks[e.originator_id])
+                self.router.withdraw(cid)
         else:
             self._conversation_event(name, e.originator_id, s)
 
@@ -399,6 +404,9 @@ class Distributor:
             data = s.get("data") or {}
             call_sid = data.get("call_sid")
             self.handle_times.record(activity, data, parse_iso(at))
+            if call_sid and activity in _ENDED_ACTIVITIES:
+                # nobody asks for its place in the queue again (and every round walks these)
+                self.calls.pop(call_sid, None)
             if activity in _WAITING_ACTIVITIES:
                 c.channel = s["channel"]
                 queue = priority = None

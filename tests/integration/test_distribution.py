@@ -20,8 +20,10 @@ from inbox.commands import Commands
 from inbox.contact import ContactEvent, CustomerRef, validate
 from inbox.distribution import Distributor
 from inbox.domain import ids
+from inbox.domain.callback import Callback
 from inbox.domain.conversation import Conversation
 from inbox.domain.errors import ConversationStateError
+from inbox.domain.time import iso
 from inbox.ingest import Ingestor
 from infra.store import ContactEventRow, EventStore, open_event_store
 from tests.conftest import SettingsFactory
@@ -420,6 +422,48 @@ def test_a_waiting_caller_hears_an_honest_place_and_estimate(center: Center) -> 
     assert distributor.queue_info("CA1", "default") == (1, 150.0, 0)  # half a handle time
     assert distributor.queue_info("CA2", "default") == (2, 450.0, 0)  # one more wave
     assert distributor.queue_info("CA9", "default")[0] == 3  # not in the log yet: last
+    assert set(distributor.calls) == {"CA1", "CA2"}  # the call that ended is forgotten
+
+
+def test_a_finished_callback_is_forgotten_and_a_failed_one_stops_the_wait(
+    center: Center,
+) -> None:
+    call = _call(center, "queued", "call.queued", queue="tech", priority=0)
+    _call(center, "callback", "callback.requested", queue="tech", number="+14155550123")
+    _call(center, "abandoned", "call.abandoned", queue="tech", queue_seconds=60)
+    callbacks = [
+        Callback.request(
+            source_event_id=f"cb{n}",
+            conversation_id=str(call.id),
+            call_sid="CA1",
+            number="+14155550123",
+            queue="tech",
+            requested_at=iso(center.clock.now),
+            at=iso(center.clock.now),
+        )
+        for n in range(3)
+    ]
+    center.store.save(*callbacks)
+    distributor = center.distributor()
+    distributor.step()
+    assert set(distributor.callbacks) == {str(c.id) for c in callbacks}
+    assert distributor.router.position(str(call.id)) == 1  # the caller keeps their place
+
+    at = iso(center.clock.now)
+    callbacks[0].cancel("asked twice", at=at)
+    callbacks[1].start_dialing("ann", max_attempts=1, at=at)
+    callbacks[1].dialed(1, "CA7", at=at)
+    callbacks[1].complete(1, "CA7", at=at)
+    center.store.save(callbacks[0], callbacks[1])
+    distributor.step()
+    assert set(distributor.callbacks) == {str(callbacks[2].id)}
+    assert distributor.router.position(str(call.id)) == 1
+
+    callbacks[2].give_up("no answer", at=at)
+    center.store.save(callbacks[2])
+    distributor.step()
+    assert distributor.callbacks == {}
+    assert distributor.router.position(str(call.id)) is None  # nobody waits for us now
 
 
 def _to_do(distributor: Distributor) -> list[Any]:
