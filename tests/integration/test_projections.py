@@ -962,7 +962,9 @@ def test_read_models_of_this_history_are_kept_and_an_older_position_is_trusted(
     assert _inbox_rows(world) != before
 
 
-def test_an_unfinished_rebuild_of_other_tables_is_not_resumed(world: World) -> None:
+def _a_rebuild_stopped_halfway(world: World) -> None:
+    """A busy history caught up, then a rebuild of the inbox stopped after its first batch
+    (generation 2, unfinished)."""
     busy_history(world, customers=3)
     world.catch_up()
 
@@ -974,6 +976,10 @@ def test_an_unfinished_rebuild_of_other_tables_is_not_resumed(world: World) -> N
 
     with pytest.raises(Stop):
         rebuild(world.store, world.db, "inbox", from_start=True, progress=stop, batch_size=10)
+
+
+def test_an_unfinished_rebuild_of_other_tables_is_not_resumed(world: World) -> None:
+    _a_rebuild_stopped_halfway(world)
     with world.db.transaction() as tx:
         tx.execute("UPDATE projection_state SET layout='old' WHERE name='inbox' AND active=0")
     result = rebuild(world.store, world.db, "inbox", from_start=False, batch_size=10)
@@ -989,17 +995,7 @@ def test_an_unfinished_rebuild_of_other_tables_is_not_resumed(world: World) -> N
 def test_an_unfinished_rebuild_of_another_history_is_not_resumed(
     world: World, other_store: EventStore
 ) -> None:
-    busy_history(world, customers=3)
-    world.catch_up()
-
-    class Stop(Exception):
-        pass
-
-    def stop(position: int, head: int) -> None:
-        raise Stop
-
-    with pytest.raises(Stop):
-        rebuild(world.store, world.db, "inbox", from_start=True, progress=stop, batch_size=10)
+    _a_rebuild_stopped_halfway(world)
     other = World(other_store, world.db, Ingestor(other_store))
     other.ingest(contact("elsewhere", 0, email="elsewhere@example.com"))
     busy_history(other, customers=3)
