@@ -10,7 +10,7 @@ a projection may keep rows in memory between batches for as long as nobody else 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from projections.db import Tx
 
@@ -64,6 +64,52 @@ class Pipelined(Projection, Protocol):
 
     # Writes what `prepare` returned: a function of a module, so it can be pickled by name.
     write: Callable[[Tx, int, Any], None]
+
+
+class Held(Protocol):
+    """Rows a projection holds in memory, as of `position` of `generation`."""
+
+    generation: int
+    position: int
+
+    def size(self) -> int: ...
+
+
+H = TypeVar("H", bound=Held)
+
+
+class Kept(Generic[H]):
+    """What a projection keeps in memory between batches: valid exactly while the
+    generation's position is still the one its last commit wrote (the runner's conditional
+    update says so: nobody else wrote in between). Dropped past `limit` (its `size`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: H | None = None
+        self._pending: H | None = None
+
+    def remembers(self, generation: int, position: int) -> bool:
+        held = self.held
+        return held is not None and held.generation == generation and held.position == position
+
+    def take(self, generation: int, position: int, fresh: Callable[[], H]) -> H:
+        """What a batch after `position` starts from: what was kept, or `fresh()` when
+        another writer moved the generation since (or nothing was kept). Kept again once
+        `committed`."""
+        held = self.held
+        if held is None or held.generation != generation or held.position != position:
+            held = fresh()
+        self.held, self._pending = None, held
+        return held
+
+    def committed(self, generation: int, position: int) -> None:
+        held, self._pending = self._pending, None
+        if held is not None and held.generation == generation and held.size() <= self.limit:
+            held.position = position
+            self.held = held
+
+    def forget(self) -> None:
+        self.held = self._pending = None
 
 
 def table(name: str, generation: int) -> str:

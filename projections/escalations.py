@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from inbox.domain.time import parse_iso
-from projections.base import Event, table
+from projections.base import Event, Kept, table
 from projections.db import ReadModelDB, Tx, replace_on_conflict
 from projections.inbox_view import QueryError
 from projections.tracking import STATE_TABLE, active_generation
@@ -622,31 +622,17 @@ class Escalations:
 
     def __init__(self, cache_limit: int = 500_000) -> None:
         """`cache_limit`: conversations and customers held between batches at most."""
-        self.cache_limit = cache_limit
-        self._state: _State | None = None
-        self._pending: _State | None = None
+        self.kept: Kept[_State] = Kept(cache_limit)
 
     def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
-        state = self._state
-        if state is None or state.generation != generation or state.position != position:
-            # Another writer moved this generation since our last commit (or there was
-            # none): what we held may be stale.
-            state = _State(generation, position)
-        self._state, self._pending = None, state  # usable again once committed
+        state = self.kept.take(generation, position, lambda: _State(generation, position))
         _Batch(tx, self.tables(generation), state).run(events)
 
     def committed(self, generation: int, position: int) -> None:
-        state, self._pending = self._pending, None
-        if (
-            state is not None
-            and state.generation == generation
-            and state.size() <= self.cache_limit
-        ):
-            state.position = position
-            self._state = state
+        self.kept.committed(generation, position)
 
     def forget(self) -> None:
-        self._state = self._pending = None
+        self.kept.forget()
 
 
 def escalation_queues(db: ReadModelDB, *, limit: int = 500) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from inbox.contact import CHANNELS as KNOWN_CHANNELS
 from inbox.domain.sla import SlaPolicy, earliest_due, running_clocks
 from inbox.domain.time import iso, parse_iso
 from inbox.identity import InvalidIdentity, parse_key
-from projections.base import Event, table
+from projections.base import Event, Kept, table
 from projections.db import ReadModelDB, Tx, replace_on_conflict
 from projections.tracking import active_table
 
@@ -223,31 +223,17 @@ class InboxView:
         """`current_policies` (queue -> SLA policy): a rebuild that applies today's policies to
         the whole history instead of each policy from its event on (`--current-sla`)."""
         self.current_policies = current_policies
-        self.cache_limit = cache_limit
-        self._cache: _Cache | None = None
-        self._pending: _Cache | None = None
+        self.kept: Kept[_Cache] = Kept(cache_limit)
 
     def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
-        cache = self._cache
-        if cache is None or cache.generation != generation or cache.position != position:
-            # Another writer moved this generation since our last commit (or there was
-            # none): what we kept may be stale.
-            cache = _Cache(generation, position)
-        self._cache, self._pending = None, cache  # usable again once committed
+        cache = self.kept.take(generation, position, lambda: _Cache(generation, position))
         _Batch(tx, self.tables(generation), cache, self.current_policies).run(events)
 
     def committed(self, generation: int, position: int) -> None:
-        cache, self._pending = self._pending, None
-        if (
-            cache is not None
-            and cache.generation == generation
-            and cache.size() <= self.cache_limit
-        ):
-            cache.position = position
-            self._cache = cache
+        self.kept.committed(generation, position)
 
     def forget(self) -> None:
-        self._cache = self._pending = None
+        self.kept.forget()
 
 
 class _Cache:

@@ -41,7 +41,7 @@ import orjson
 from inbox.contact import Channel
 from inbox.domain.business_hours import BusinessHours
 from inbox.domain.sla import SlaPolicy, SlaPolicyError
-from projections.base import Event, table
+from projections.base import Event, Kept, table
 from projections.db import Tx
 
 NAME = "metrics"
@@ -228,9 +228,7 @@ class Metrics:
     )
 
     def __init__(self, cache_limit: int = 2_000_000) -> None:
-        self.cache_limit = cache_limit
-        self._cache: _Cache | None = None
-        self._pending: _Cache | None = None
+        self.kept: Kept[_Cache] = Kept(cache_limit)
 
     def tables(self, generation: int) -> list[str]:
         return [
@@ -280,36 +278,26 @@ class Metrics:
     ) -> Changes:
         """What `events` change: the state rows and the counters' deltas, decided from the
         state kept since `committed` (else read through `tx`), written by `write`."""
-        if not self.remembers(generation, position):
-            # Someone else moved this generation (or we kept nothing): start from the tables.
-            # At position 0 the tables are empty, so the cache is complete from the start.
-            self._cache = _Cache(generation, position, complete=position == 0)
-        cache, self._cache = self._cache, None
-        assert cache is not None
-        self._pending = cache  # kept by `committed`
+        # Without a kept cache it starts from the tables; at position 0 they are empty, so
+        # the cache is complete from the start.
+        cache = self.kept.take(
+            generation, position, lambda: _Cache(generation, position, complete=position == 0)
+        )
         return _Batch(tx, table(STATE, generation), cache).run(events)
 
     def remembers(self, generation: int, position: int) -> bool:
         """Whether `prepare` at `position` starts from the state kept in memory (rows it does
         not hold were not changed by this process since it read them)."""
-        cache = self._cache
-        return cache is not None and cache.generation == generation and cache.position == position
+        return self.kept.remembers(generation, position)
 
     # A function of the module, so that a rebuild's writer process gets it by name.
     write = staticmethod(write_changes)
 
     def committed(self, generation: int, position: int) -> None:
-        cache, self._pending = self._pending, None
-        if (
-            cache is not None
-            and cache.generation == generation
-            and cache.size() <= self.cache_limit
-        ):
-            cache.position = position
-            self._cache = cache
+        self.kept.committed(generation, position)
 
     def forget(self) -> None:
-        self._cache = self._pending = None
+        self.kept.forget()
 
 
 class _Cache:

@@ -479,7 +479,7 @@ def test_past_its_cache_limit_a_runner_keeps_nothing_and_writes_the_same_rows(
     projection = Escalations(cache_limit=5)
     runner = ProjectionRunner(world.store, world.db, [projection])
     while runner.run_once(limit=4):
-        assert projection._state is None or projection._state.size() <= 5
+        assert projection.kept.held is None or projection.kept.held.size() <= 5
     live_rows = all_rows(world.db, Escalations())
 
     monkeypatch.setitem(PROJECTIONS, NAME, Escalations)
