@@ -45,7 +45,7 @@ from inbox.ports import ProcessStates
 from ivr.estimate import HandleTimes, estimate_wait
 from projections.base import Event
 from projections.db import DatabaseError
-from projections.runner import LogSource, decode, gc_paused, read_log
+from projections.runner import LogSource, decode, diverged, gc_paused, read_log, record_id
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,9 @@ class Distributor:
         self.clock = clock
         self.batch_size = batch_size
         self.position = 0
-        # The record at `position` (id, topic, originator, version): a saved state is taken
-        # up only from a store with the same record there, not from another store's history.
-        self.last_read: tuple[Any, ...] | None = None
+        # What the log holds at `position` (`record_id`): a saved state is taken up only from
+        # a store with the same record there, not from another store's history.
+        self.last_read: str | None = None
         self.caught_up = False
         self.convs: dict[str, ConversationState] = {}
         self.queues: dict[str, QueueConfig] = {}
@@ -256,21 +256,13 @@ class Distributor:
             return False
         position, data = saved
         try:
-            head = self.log.max_notification_id()
-            if position > head:
-                raise routing_state.UnreadableState(
-                    f"it is of position {position}, the event store ends at {head}"
-                )
             with gc_paused():
                 state = routing_state.load(data, self.router.settings)
             if state.keys() != vars(self).keys() - _NOT_STATE or state["position"] != position:
                 raise routing_state.UnreadableState("not a state of this distributor")
-            if position and [tuple(r[:4]) for r in read_log(self.log, position - 1, 1)] != [
-                state["last_read"]
-            ]:
-                raise routing_state.UnreadableState(
-                    f"the event store holds another record at position {position}"
-                )
+            reason = diverged(self.log, position, state["last_read"])
+            if reason is not None:
+                raise routing_state.UnreadableState(f"it {reason}")
         except routing_state.UnreadableState as exc:
             log.warning("%s: saved state not used (%s): reading the log", self.state_name, exc)
             return False
@@ -311,7 +303,7 @@ class Distributor:
                 for event in decode(records, HANDLES):
                     self.apply(event)
             self.position = records[-1][0]
-            self.last_read = tuple(records[-1][:4])
+            self.last_read = record_id(records[-1])
             total += len(records)
             self.stats.read += len(records)
 
