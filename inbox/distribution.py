@@ -16,7 +16,9 @@ Capacity freed by a resolve, a transfer or a presence change is used at once: th
 
 Given somewhere to keep it (`ProcessStates`), the process saves its whole state with its log
 position every `save_every` events and when it stops, and a restart takes that up and reads
-only the log after it (inbox/routing_state.py says when a saved state is not used).
+only the log after it (inbox/routing_state.py says when a saved state is not used). Each save
+sets resolved conversations aside there instead of keeping them in memory; the log's next
+event of one reads it back first (`save_state`, `_take_back`).
 """
 
 from __future__ import annotations
@@ -103,10 +105,13 @@ _NOT_STATE = frozenset(
         "states",
         "save_every",
         "_saved_at",
+        "_initial",
         "_wake",
         "_loop",
     }
 )
+# The key of a conversation's record set aside (`Distributor.save_state`).
+_SET_ASIDE = "conversation"
 # Calls wait for routing from `call.queued` (the IVR chose a queue), not from `call.started`.
 _WAITING_ACTIVITIES = frozenset({"call.queued", "chat.started"})
 _ENDED_ACTIVITIES = frozenset({"call.abandoned", "call.ended"})
@@ -238,7 +243,10 @@ class Distributor:
         self._wake = asyncio.Event()
         self.states = states
         self.save_every = save_every
-        self._saved_at = 0  # the position of the state saved or taken up last
+        # the position of the state saved or taken up last; 0: this state was built by
+        # reading the log from its start, and none of its records was set aside yet
+        self._saved_at = 0
+        self._initial = routing_state.dump(self.router.settings, self._state())
 
     # -- its saved state -------------------------------------------------------------------
 
@@ -272,21 +280,85 @@ class Distributor:
         log.info("%s: took up the state saved at position %d", self.state_name, position)
         return True
 
+    def _state(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k not in _NOT_STATE}
+
     def save_state(self) -> bool:
-        """Saves the state as of the position read so far (between rounds only)."""
+        """Saves the state as of the position read so far (between rounds only). Resolved
+        conversations are set aside with it instead of kept in memory: most never change
+        again, and one that does is read back before its event is applied."""
         if self.states is None or self.position == self._saved_at:
             return False
-        state = {k: v for k, v in vars(self).items() if k not in _NOT_STATE}
+        settings = self.router.settings
+        state = self._state()
+        resolved = [cid for cid, c in self.convs.items() if c.status == RESOLVED]
         try:
             with gc_paused():
-                data = routing_state.dump(self.router.settings, state)
-            self.states.save(self.state_name, self.position, data)
+                set_aside = {
+                    cid: routing_state.dump(settings, {_SET_ASIDE: self.convs[cid]})
+                    for cid in resolved
+                }
+                state["convs"] = {cid: c for cid, c in self.convs.items() if c.status != RESOLVED}
+                data = routing_state.dump(settings, state)
+            self.states.save(
+                self.state_name,
+                self.position,
+                data,
+                set_aside,
+                # a state read from the log's start does not follow from the saved one
+                replace=self._saved_at == 0,
+            )
         except _SAVE_ERRORS:
             # Only a slower restart is lost: it reads more of the log.
             log.warning("%s: could not save the state", self.state_name, exc_info=True)
             return False
+        for cid in resolved:
+            del self.convs[cid]
         self._saved_at = self.position
         return True
+
+    def _take_back(self, events: list[Event]) -> str | None:
+        """Reads back the conversations set aside that these events are about, before any of
+        them is applied; or says why it cannot (a record missing, unreadable, or set aside
+        after this state's position), and then nothing was changed."""
+        if not self._saved_at or self.states is None:
+            return None  # nothing was set aside since this state was read from the start
+        convs = self.convs
+        opened = {e.originator_id for e in events if e.name == "Conversation.Opened"}
+        wanted = {
+            e.originator_id
+            for e in events
+            if e.name.startswith("Conversation.")
+            and e.originator_id not in convs
+            and e.originator_id not in opened
+        }
+        if not wanted:
+            return None
+        found = self.states.set_aside(self.state_name, wanted)
+        records: dict[str, ConversationState] = {}
+        for cid in sorted(wanted):
+            saved_at, data = found.get(cid, (None, b""))
+            if saved_at is None:
+                return f"conversation {cid} is neither kept nor set aside"
+            if saved_at > self.position:
+                return f"conversation {cid} was set aside after position {self.position}"
+            try:
+                record = routing_state.load(data, self.router.settings).get(_SET_ASIDE)
+            except routing_state.UnreadableState as exc:
+                return f"conversation {cid} set aside cannot be read: {exc}"
+            if not isinstance(record, ConversationState):
+                return f"conversation {cid} set aside is not a conversation's record"
+            records[cid] = record
+        convs.update(records)
+        return None
+
+    def _start_over(self, reason: str) -> None:
+        """Drops the state and reads the whole log again: what a restart without a saved
+        state does, and always right."""
+        log.warning("%s: %s: reading the whole log again", self.state_name, reason)
+        vars(self).update(routing_state.load(self._initial, self.router.settings))
+        self.handle_times.use_clock(self.clock)
+        self._saved_at = 0
 
     # -- reading the log -------------------------------------------------------------------
 
@@ -298,9 +370,14 @@ class Distributor:
             if not records:
                 self.caught_up = True
                 return total
+            events = decode(records, HANDLES)
+            lost = self._take_back(events)
+            if lost is not None:
+                self._start_over(lost)
+                continue
             # (as in the projections: a collection would walk every conversation kept)
             with gc_paused():
-                for event in decode(records, HANDLES):
+                for event in events:
                     self.apply(event)
             self.position = records[-1][0]
             self.last_read = record_id(records[-1])

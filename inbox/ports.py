@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -66,8 +66,19 @@ class Publisher(Protocol):
 
 class ProcessStates(Protocol):
     """Where a process that keeps state from the event log saves it, by name: the state as of
-    a log position (projections.process_state)."""
+    a log position, and the records it set aside instead of keeping them in memory
+    (projections.process_state)."""
 
     def latest(self, name: str) -> tuple[int, bytes] | None: ...
 
-    def save(self, name: str, position: int, state: bytes) -> None: ...
+    def save(
+        self,
+        name: str,
+        position: int,
+        state: bytes,
+        set_aside: Mapping[str, bytes] | None = None,
+        *,
+        replace: bool = False,
+    ) -> None: ...
+
+    def set_aside(self, name: str, keys: Collection[str]) -> dict[str, tuple[int, bytes]]: ...

@@ -50,6 +50,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# Stale entries (a bucket's heap, the customers' last agents) are dropped when their number
+# doubles what is left, from at least this many: amortised O(1) a push.
+_COMPACT_MIN = 64
+
 AVAILABLE = "available"
 AWAY = "away"
 OFFLINE = "offline"
@@ -174,6 +178,9 @@ class _Bucket:
     heap: list[HeapEntry] = field(default_factory=list)
     eligible: set[str] = field(default_factory=set)
     free: list[AgentKey] = field(default_factory=list)  # sorted: the preferred agent first
+    # The heap's length that makes it drop its stale entries: those below the head are only
+    # met when they reach the top, which an item that waits long keeps them from.
+    compact_at: int = _COMPACT_MIN
 
 
 class Router:
@@ -198,6 +205,7 @@ class Router:
         self._buckets: dict[BucketKey, _Bucket] = {}
         self._dirty: set[BucketKey] = set()
         self._served: dict[str, tuple[str, float]] = {}  # customer -> (agent, released at)
+        self._served_compact_at = _COMPACT_MIN
         self._expiry: list[tuple[float, str, str, int]] = []  # (expires_at, item, agent, seq)
         self._wakeups: list[tuple[float, BucketKey]] = []  # sticky waits ending
         self._wakeup_set: set[tuple[float, BucketKey]] = set()
@@ -343,6 +351,11 @@ class Router:
             return
         if it.customer is not None and it.agent is not None:
             self._served[it.customer] = (it.agent, at)
+            if len(self._served) > self._served_compact_at:
+                # only releases within the window make an agent sticky (`_sticky`)
+                since = at - self._sticky_window
+                self._served = {c: s for c, s in self._served.items() if s[1] > since}
+                self._served_compact_at = max(_COMPACT_MIN, 2 * len(self._served))
         self._let_go(it, at=at)
         self._forget(it)
 
@@ -653,15 +666,23 @@ class Router:
         assert it.channel is not None
         it.token = self._next_seq()
         key = it.bucket
-        heapq.heappush(self._bucket(key).heap, (*it.key, it.token))
+        bucket = self._bucket(key)
+        heapq.heappush(bucket.heap, (*it.key, it.token))
+        if len(bucket.heap) > bucket.compact_at:
+            bucket.heap = [entry for entry in bucket.heap if self._live(entry)]
+            heapq.heapify(bucket.heap)
+            bucket.compact_at = max(_COMPACT_MIN, 2 * len(bucket.heap))
         self._dirty.add(key)
+
+    def _live(self, entry: HeapEntry) -> bool:
+        it = self._items.get(entry[2])
+        return it is not None and it.token == entry[3] and it.state == WAITING
 
     def _head(self, bucket: _Bucket) -> ItemKey | None:
         heap = bucket.heap
         while heap:
             top = heap[0]
-            it = self._items.get(top[2])
-            if it is not None and it.token == top[3] and it.state == WAITING:
+            if self._live(top):
                 return (top[0], top[1], top[2])
             heapq.heappop(heap)
         return None

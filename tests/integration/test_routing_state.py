@@ -27,7 +27,7 @@ from inbox.ingest import Ingestor
 from infra import composition
 from infra.store import EventStore
 from projections.db import ReadModelDB
-from projections.process_state import ReadModelProcessStates
+from projections.process_state import SET_ASIDE, ReadModelProcessStates
 from tests.conftest import SettingsFactory
 from tests.integration.test_distribution import (
     Center,
@@ -67,6 +67,7 @@ _OWN = {
     "states",
     "save_every",
     "_saved_at",
+    "_initial",
     "_wake",
     "_loop",
 }
@@ -381,3 +382,161 @@ def test_the_routing_process_takes_up_what_it_saved_when_it_stopped(
     center.commands.resolve(mail.id, actor="ann")
     asyncio.run(route_until(lambda: center.conversation(second.id).assignee == "ann"))
     assert f"took up the state saved at position {saved[0]}" in caplog.text
+
+
+# -- resolved conversations set aside --------------------------------------------------------
+
+
+def _set_aside(db: ReadModelDB, distributor: Distributor) -> dict[str, Any]:
+    """The records the distributor set aside, read back as it would."""
+    with db.read() as tx:
+        tx.execute(f"SELECT key, record FROM {SET_ASIDE} WHERE name=?", (distributor.state_name,))
+        rows = tx.fetchall()
+    settings = distributor.router.settings
+    return {key: routing_state.load(bytes(data), settings)["conversation"] for key, data in rows}
+
+
+def _whole(distributor: Distributor, set_aside: dict[str, Any] | None = None) -> Any:
+    """Its state with the records it set aside put back, conversations in key order (the
+    order they were read back in is the process's own)."""
+    state = {k: v for k, v in vars(distributor).items() if k not in _OWN}
+    convs = {**(set_aside or {}), **state.pop("convs")}
+    return _plain({**state, "convs": dict(sorted(convs.items()))})
+
+
+def test_resolved_conversations_are_set_aside_and_read_back_exactly_when_the_log_needs_them(
+    center: Center,  # noqa: F811
+    db: ReadModelDB,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A mirror that sets resolved conversations aside at every save follows the log exactly
+    as one that keeps everything, while the deciding process, setting them aside too, routes
+    a conversation again when it comes back: by a new message, an agent's reopen, a call."""
+    caplog.set_level(logging.WARNING, logger="inbox.distribution")
+    states = ReadModelProcessStates(db)
+    router = _distributor(center, states)
+    setting_aside = Distributor(
+        center.store, center.directory, clock=center.clock, decide=False, states=states
+    )
+    keeping = Distributor(center.store, center.directory, clock=center.clock, decide=False)
+
+    def round_and_compare() -> None:
+        router.step()
+        assert router.save_state()
+        setting_aside.step()
+        setting_aside.save_state()
+        keeping.step()
+        assert _whole(setting_aside, _set_aside(db, setting_aside)) == _whole(keeping)
+        resolved = {cid for cid, c in keeping.convs.items() if c.status == "resolved"}
+        assert not resolved & set(setting_aside.convs)
+
+    _a_busy_morning(center, router)
+    center.agent("cy", capacity={"email": 9, "voice": 1})
+    mails = [center.contact(f"r{n}", email=f"r{n}@example.com") for n in range(3)]
+    round_and_compare()
+    for mail in mails:
+        assignee = center.conversation(mail.id).assignee
+        assert assignee is not None
+        center.commands.resolve(mail.id, actor=assignee)
+    round_and_compare()
+    assert not {str(m.id) for m in mails} & set(router.convs)  # set aside, out of memory
+    assert set(_set_aside(db, router)) >= {str(m.id) for m in mails}
+
+    # what comes without changing it (an auto-reply) reads it back, and the next save sets
+    # it aside again
+    auto_reply = {"text": "I am away", "auto_submitted": True}
+    center.contact("r0:auto", email="r0@example.com", payload=auto_reply)
+    center.contact("n1", email="new@example.com")  # and a new one, opened in the same read
+    assert center.conversation(mails[0].id).status == "resolved"
+    router.catch_up()
+    assert router.convs[str(mails[0].id)].status == "resolved"
+    round_and_compare()
+    assert str(mails[0].id) not in router.convs
+
+    # the customer writes again: reopened, and routed again by the deciding process
+    center.clock.advance(60)
+    center.contact("r1:again", email="r1@example.com", text="it broke again")
+    router.step()
+    assert center.conversation(mails[1].id).status == "open"
+    assert center.conversation(mails[1].id).assignee is not None
+    round_and_compare()
+
+    # an agent reopens one: its record comes back with the agent it had
+    center.commands.reopen(mails[2].id, actor="ann")
+    round_and_compare()
+    assert router.convs[str(mails[2].id)].status == "open"
+
+    # a restart takes up the state without them and reads them back as well
+    center.clock.advance(60)
+    center.contact("r0:again", email="r0@example.com", text="and now?")
+    restarted = Distributor(
+        center.store, center.directory, clock=center.clock, decide=False, states=states
+    )
+    assert restarted.restore()
+    restarted.catch_up()
+    keeping.catch_up()
+    assert _whole(restarted, _set_aside(db, restarted)) == _whole(keeping)
+    assert restarted.convs[str(mails[0].id)].status == "open"
+    assert "reading the whole log again" not in caplog.text  # each record was there
+
+
+def test_a_conversation_set_aside_that_cannot_be_read_back_makes_it_read_the_whole_log(
+    center: Center,  # noqa: F811
+    db: ReadModelDB,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    states = ReadModelProcessStates(db)
+    router = _distributor(center, states)
+    center.agent("ann", capacity={"email": 3})
+    mail = center.contact("m1", email="a@example.com")
+    other = center.contact("m2", email="b@example.com")
+    back = center.contact("m3", email="c@example.com")
+    router.step()
+    for conversation in (mail, other, back):
+        center.commands.resolve(conversation.id, actor="ann")
+    router.step()
+    assert router.save_state()
+    assert str(mail.id) not in router.convs
+
+    with db.transaction() as tx:  # the record is lost (deleted by hand, say)
+        tx.execute(f"DELETE FROM {SET_ASIDE} WHERE key=?", (str(mail.id),))
+    center.contact("m4", email="c@example.com", text="me again")
+    center.contact("m5", email="a@example.com", text="hello again")
+    caplog.set_level(logging.WARNING, logger="inbox.distribution")
+    assert router.catch_up() > 0
+    assert f"conversation {mail.id} is neither kept nor set aside" in caplog.text
+    fresh = Distributor(center.store, center.directory, clock=center.clock)
+    fresh.catch_up()
+    assert _whole(router) == _whole(fresh)  # all of it, read again from the start
+    router.step()
+    assert center.conversation(mail.id).assignee == "ann"
+    assert center.conversation(back.id).assignee == "ann"
+
+    # its next save starts the records set aside afresh: the one resolved now, only (not
+    # the reopened one's, set aside before)
+    assert router.save_state()
+    assert set(_set_aside(db, router)) == {str(other.id)}
+
+    # a record set aside after the state's position is not taken either (nor anything
+    # that is not a record of a conversation)
+    for change, reason in [
+        ("position = position + 1000", f"set aside after position {router.position}"),
+        ("record = ?", "is not a conversation's record"),
+    ]:
+        with db.transaction() as tx:
+            tx.execute(
+                f"UPDATE {SET_ASIDE} SET {change} WHERE key=?",
+                (routing_state.dump(router.router.settings, {"conversation": 1}), str(other.id))
+                if "?" in change
+                else (str(other.id),),
+            )
+        center.contact(f"again:{change}", email="b@example.com", text="me again")
+        caplog.clear()
+        router.catch_up()
+        assert reason in caplog.text
+        fresh.catch_up()
+        assert _whole(router) == _whole(fresh)
+        center.commands.resolve(other.id, actor="ann")
+        router.step()
+        assert router.save_state()
+        assert str(other.id) not in router.convs

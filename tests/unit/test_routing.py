@@ -747,3 +747,59 @@ def test_capacity_is_never_exceeded_and_replay_agrees(operations: list[Op], wait
 @given(ops, st.sampled_from([0.0, 20.0]))
 def test_capacity_changes_never_let_offers_exceed_it(operations: list[Op], wait: float) -> None:
     run(operations, cuts=True, sticky_wait=wait)
+
+
+@PROPERTY
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["enqueue", "withdraw", "raise"]), st.integers(0, 7)),
+        min_size=100,
+        max_size=400,
+    )
+)
+def test_stale_entries_are_dropped_while_an_item_waits_and_the_order_stays(
+    operations: list[tuple[str, int]],
+) -> None:
+    """Items come, go and move up behind one that waits for nobody: the bucket's heap keeps
+    no more than a bounded number of stale entries, and the waiting items still go in order
+    (priority, then since, then id) once an agent comes."""
+    r = router()
+    chat(r, "first", T0 - 1, priority=9)  # always at the head: nothing pops those behind it
+    waiting: dict[str, tuple[int, float]] = {"first": (9, T0 - 1)}
+    now = T0
+    for name, i in operations:
+        now += 1
+        item = f"i{i}"
+        if name == "enqueue" and item not in waiting:
+            waiting[item] = (0, now)
+            chat(r, item, now)
+        elif name == "withdraw" and item in waiting:
+            del waiting[item]
+            r.withdraw(item)
+        elif name == "raise" and item in waiting:
+            priority, since = waiting[item]
+            waiting[item] = (min(priority + 1, 8), since)
+            chat(r, item, since, priority=waiting[item][0])
+        assert r.depth("support") == len(waiting)
+        (bucket,) = r._buckets.values()
+        assert len(bucket.heap) <= max(64, 2 * len(waiting)) + 1
+    r.set_agent(agent("a1", chat=len(waiting)))
+    r.set_presence("a1", "available", now)
+    expected = sorted(waiting, key=lambda item: (-waiting[item][0], waiting[item][1], item))
+    assert [o.item for o in r.decide(now)] == expected
+
+
+def test_customers_last_served_long_ago_are_forgotten_and_recent_ones_kept() -> None:
+    r = router(agent("a1", chat=1), agent("a2", chat=1), sticky_window=DAY)
+    for n in range(1000):  # a customer an hour, each served by a2 and released
+        at = T0 + n * 3600
+        chat(r, f"i{n}", at, customer=f"c{n}")
+        r.assigned(f"i{n}", "a2", at)
+        r.released(f"i{n}", at + 60)
+        # every customer of the last day (24 hours) is still remembered
+        assert {f"c{m}" for m in range(max(0, n - 23), n + 1)} <= r._served.keys()
+    # at most twice the day's customers (25), from the compaction threshold (64) on
+    assert len(r._served) <= max(64, 2 * 25) + 1
+    last = T0 + 999 * 3600 + 60
+    chat(r, "again", last + 10, customer="c990")  # served by a2 within the window
+    assert r.decide(last + 10) == [Offer("again", "a2", last + 40, "sticky")]
