@@ -74,6 +74,7 @@ _COLUMNS = (
     "message_id, seq, conversation_id, channel, text, actor, queued_at, status, attempts, "
     "next_attempt_at, last_error, provider_id, recipient, reported_as, reported, updated_at"
 )
+_COLUMN_NAMES = tuple(_COLUMNS.split(", "))
 
 
 @dataclass(frozen=True)
@@ -474,10 +475,8 @@ class DeliveryService:
                 )
                 if tx.rowcount != 1:
                     raise _PositionMoved
-                tx.executemany(
-                    f"INSERT INTO {OUTBOX_TABLE} ({_COLUMNS}) VALUES "
-                    f"({','.join('?' * 16)}) ON CONFLICT (message_id) DO NOTHING",
-                    rows,
+                tx.insert_many(
+                    OUTBOX_TABLE, _COLUMN_NAMES, rows, "ON CONFLICT (message_id) DO NOTHING"
                 )
         except _PositionMoved:
             # Nothing of this batch was written; read again from where the other one got.
