@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 import msgspec
+import orjson
 
 from inbox.identity import (
     SOCIAL_NETWORKS,
@@ -161,6 +162,10 @@ def validate(event: ContactEvent, *, now: datetime | None = None) -> ContactEven
     customer = _normalise_customer(event.customer)
     payload = dict(event.payload)
     _check_payload(event.type, payload)
+    try:
+        orjson.dumps(payload)
+    except TypeError as exc:  # valid JSON the event store's cannot hold: 2**64, deep nesting
+        raise InvalidContactEvent(f"payload cannot be stored: {exc}") from None
     return msgspec.structs.replace(event, occurred_at=at, customer=customer, payload=payload)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from uuid import UUID
 
@@ -137,23 +138,26 @@ async def test_invalid_records_go_to_the_dead_letter_topic_and_the_worker_goes_o
     bad_schema = {**contact_event("bad-schema"), "schema": "contact-event/9"}
     no_identity = {**contact_event("no-identity"), "customer": {"name": "nobody"}}
     bad_time = {**contact_event("bad-time"), "occurred_at": "yesterday"}
+    huge = contact_event("huge", payload={"text": "hi", "n": 2**64})  # valid JSON
     records: list[bytes] = [
         b"{not json",
         orjson.dumps(bad_schema),
         orjson.dumps(no_identity),
         orjson.dumps(bad_time),
+        json.dumps(huge).encode(),  # (orjson itself refuses it: the store's JSON cannot hold it)
         orjson.dumps(good),
     ]
     await produce(kafka_bootstrap, topic, records)
     async with running_worker(worker_config(kafka_bootstrap, topic), store):
         await wait_until(lambda: store.ingest.count_contact_events() == 1, what="the good one")
-    letters = await read_all(kafka_bootstrap, f"{topic}.dlq", 4)
+    letters = await read_all(kafka_bootstrap, f"{topic}.dlq", 5)
     reasons = [orjson.loads(r.value)["reason"] for r in letters]
-    assert len(reasons) == 4
+    assert len(reasons) == 5
     assert reasons[0].startswith("not JSON")
     assert "unknown schema" in reasons[1]
     assert "no identity" in reasons[2]
     assert "occurred_at" in reasons[3]
+    assert reasons[4] == "payload cannot be stored: Integer exceeds 64-bit range"
     first = orjson.loads(letters[0].value)
     assert first["value"] == {"text": "{not json", "size": 9, "truncated": False}
     assert first["source"] == {"topic": topic, "partition": 0, "offset": 0}

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, cast, get_args
 
 import msgspec
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -551,6 +552,29 @@ def test_a_record_over_one_mib_is_refused_before_decoding() -> None:
         parse_contact_event(b"{" * (MAX_RECORD_BYTES + 1), now=NOW)
 
 
+def _nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (2**64, "Integer exceeds 64-bit range"),
+        (-(2**63) - 1, "Integer exceeds 64-bit range"),
+        (_nested(300), "Recursion limit reached"),
+    ],
+)
+def test_valid_json_the_event_store_cannot_hold_is_refused(extra: Any, reason: str) -> None:
+    record = json.dumps(event_dict(payload={"text": "hi", "extra": extra})).encode()
+    with pytest.raises(InvalidContactEvent, match=f"payload cannot be stored: {reason}"):
+        parse_contact_event(record, now=NOW)
+    fine = json.dumps(event_dict(payload={"text": "hi", "extra": [2**63 - 1, _nested(200)]}))
+    assert parse_contact_event(fine.encode(), now=NOW).payload["extra"][0] == 2**63 - 1
+
+
 def test_validate_refuses_a_naive_struct_built_in_python() -> None:
     event = ContactEvent(
         event_id="e",
@@ -575,6 +599,7 @@ json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
+    | st.sampled_from([2**63 - 1, 2**64, -(2**63) - 1])  # at and past what orjson holds
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda children: (
@@ -664,8 +689,10 @@ def _only_invalid_contact_event(record: bytes) -> None:
     except InvalidContactEvent as exc:
         reason = str(exc)
     else:
-        # What passes the gate is normalised and can go through it again unchanged.
+        # What passes the gate is normalised, can go through it again unchanged, and can be
+        # stored (the event store writes its fields with orjson).
         assert parse_contact_event(encode_contact_event(event), now=NOW) == event
+        orjson.dumps(msgspec.to_builtins(event))
         return
     assert reason
 
