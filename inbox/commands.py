@@ -162,7 +162,12 @@ class Commands:
         message_id = self.new_id()
 
         def act(conversation: Conversation, at: str) -> None:
-            through = channel or conversation.last_inbound_channel or conversation.channel
+            through = channel or conversation.last_message_channel
+            if through is None:
+                raise ConversationStateError(
+                    "the customer has only called in this conversation: name the channel "
+                    "to reply through"
+                )
             conversation.queue_reply(message_id, through, text, actor=actor, at=at)
 
         return self._on_conversation(conversation_id, act), message_id

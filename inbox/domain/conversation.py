@@ -65,6 +65,7 @@ class Conversation(DomainAggregate):
             if not self.automatic:
                 aggregate.inbound_count += 1
                 aggregate.last_inbound_channel = self.channel
+                aggregate.last_message_channel = self.channel
                 if aggregate.status == PENDING:
                     aggregate.status = OPEN
                 if aggregate.waiting_since is None:
@@ -84,6 +85,8 @@ class Conversation(DomainAggregate):
             if self.activity in ("call.started", "chat.started"):
                 aggregate.inbound_count += 1
                 aggregate.last_inbound_channel = self.channel
+                if self.activity == "chat.started":
+                    aggregate.last_message_channel = self.channel
                 if aggregate.status == PENDING:
                     aggregate.status = OPEN
                 if aggregate.waiting_since is None:
@@ -343,6 +346,8 @@ class Conversation(DomainAggregate):
         self.resolved_at: str | None = None
         self.waiting_since: str | None = None
         self.last_inbound_channel: str | None = None
+        # the channel the customer last wrote on (a call is not one a reply can go through)
+        self.last_message_channel: str | None = None
         self.inbound_count = 0
         self.reopen_count = 0
         # the channel's message id -> ours, for receipts that only know the former

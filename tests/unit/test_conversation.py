@@ -271,6 +271,15 @@ def test_pending_to_open_when_the_customer_calls_or_chats(name: str, channel: st
     assert scenario.conversation.inbound_count == 1
 
 
+def test_a_call_is_the_last_inbound_contact_but_not_the_last_message() -> None:
+    scenario = Scenario(customer_writes(T1))
+    scenario.when(activity("call.started", T2))
+    assert scenario.conversation.last_inbound_channel == "voice"
+    assert scenario.conversation.last_message_channel == "sms"
+    scenario.when(activity("chat.started", T3, "chat"))
+    assert scenario.conversation.last_message_channel == "chat"
+
+
 def test_an_automatic_message_leaves_a_pending_conversation_pending() -> None:
     scenario = Scenario(mark_pending(T1))
     events = scenario.when(customer_writes(T2, automatic=True, text="Out of office"))
