@@ -32,9 +32,28 @@ PUBLISH_FAILURES = Counter(
 )
 
 
+# The `reason` label of DEAD_LETTERED: what part of the record was wrong (the reason's own
+# text names values, times and sizes: as a label, each would be a series of its own).
+_REASON_LABELS = (
+    ("empty record", "empty"),
+    ("record of ", "too_large"),
+    ("not JSON", "not_json"),
+    ("invalid contact event", "malformed"),
+    ("unknown schema", "schema"),
+    ("event_id", "event_id"),
+    ("occurred_at", "occurred_at"),
+    ("customer", "customer"),
+    ("payload", "payload"),
+    ("a message needs", "payload"),
+)
+DEAD_LETTER_REASONS = (*dict.fromkeys(label for _, label in _REASON_LABELS), "other")
+for _label in DEAD_LETTER_REASONS:
+    DEAD_LETTERED.labels(_label)  # every series from the start, at 0
+
+
 def reason_label(reason: str) -> str:
-    """A bounded label from a free-text reason: its first few words."""
-    return " ".join(reason.split(":")[0].split()[:4])[:40]
+    """One of DEAD_LETTER_REASONS for a dead letter's reason."""
+    return next((label for start, label in _REASON_LABELS if reason.startswith(start)), "other")
 
 
 # Live gauges of the routing process (set after every round of `inbox route` / `inbox dev`).

@@ -31,6 +31,7 @@ from inbox.contact import (
     parse_contact_event,
     validate,
 )
+from inbox.telemetry import DEAD_LETTER_REASONS, reason_label
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 FUZZ = settings(max_examples=200, deadline=None)
@@ -695,6 +696,8 @@ def _only_invalid_contact_event(record: bytes) -> None:
         orjson.dumps(msgspec.to_builtins(event))
         return
     assert reason
+    # the dead-letter counter's label names the part that was wrong, from a fixed set
+    assert reason_label(reason) != "other", reason
 
 
 @FUZZ
@@ -840,3 +843,19 @@ def test_parsing_is_a_fixed_point_whatever_the_offset(event: ContactEvent, zone:
     assert once.occurred_at == event.occurred_at
     assert once.occurred_at.utcoffset() == timedelta(0)
     assert parse_contact_event(encode_contact_event(once), now=NOW) == once
+
+
+@pytest.mark.parametrize(
+    ("reason", "label"),
+    [
+        ("occurred_at 2031-01-01T00:00:00+00:00 is out of range", "occurred_at"),
+        ("record of 1048577 bytes is over the 1 MiB limit", "too_large"),
+        ("unknown schema 'x', expected 'contact-event/1'", "schema"),
+        ("customer: unknown social network 'x'", "customer"),
+        ("a message needs text, a subject or attachments", "payload"),
+        ("something new", "other"),
+    ],
+)
+def test_dead_letter_labels_are_a_fixed_few(reason: str, label: str) -> None:
+    assert reason_label(reason) == label
+    assert label in DEAD_LETTER_REASONS
