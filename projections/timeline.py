@@ -247,13 +247,17 @@ def timeline_of(tx: Tx, conversation_id: str) -> list[dict[str, Any]]:
 
 def get_conversation(db: ReadModelDB, conversation_id: str) -> dict[str, Any] | None:
     """The inbox-view item of a conversation with its `timeline` (entries in order) and
-    `previous` (the customer's other conversations, newest first); None when unknown."""
+    `previous` (the customer's conversations opened before it, newest first); None when
+    unknown."""
     with db.read() as tx:
         item = get_item(tx, conversation_id)
         if item is None:
             return None
         item["timeline"] = timeline_of(tx, conversation_id)
+        opened = (item["opened_at"], conversation_id)
         item["previous"] = [
-            c for c in conversations_of(tx, item["customer"]["id"]) if c["id"] != conversation_id
+            c
+            for c in conversations_of(tx, item["customer"]["id"])
+            if (c["opened_at"], c["id"]) < opened
         ]
     return item
