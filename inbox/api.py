@@ -317,14 +317,29 @@ async def conversation_events(request: Request) -> Response:
 
 
 async def get_customer(request: Request) -> Response:
-    await _authenticate(request, "customers.read")
+    principal = await _authenticate(request, "customers.read")
     customer_id = _uuid(request.path_params["id"], "customer")
-    customer = await _off_loop(
-        inbox_view.get_customer, _context(request).read_models, str(customer_id)
-    )
+    ctx = _context(request)
+    customer = await _off_loop(inbox_view.get_customer, ctx.read_models, str(customer_id))
     if customer is None:
         raise ApiError(404, "not_found", f"no customer {customer_id}")
+    if not principal.sees_everything:
+        # An agent sees the customers they serve (with their whole history: that is what
+        # they serve them with), not any customer by id.
+        ids = [UUID(c["id"]) for c in customer["conversations"]]
+        if not await _off_loop(_any_in_scope, ctx, principal, ids):
+            raise ApiError(403, "forbidden", "none of the customer's conversations is yours")
     return JSONResponse(customer)
+
+
+def _any_in_scope(ctx: ApiContext, principal: Principal, conversation_ids: list[UUID]) -> bool:
+    for conversation_id in conversation_ids:
+        try:
+            _in_scope(ctx, principal, conversation_id)
+        except ApiError:
+            continue
+        return True
+    return False
 
 
 async def _body(request: Request, *required: str) -> dict[str, Any]:

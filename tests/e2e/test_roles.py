@@ -162,6 +162,10 @@ async def test_routing_offers_a_chat_and_one_agent_wins_it(stack: Stack) -> None
     late = await _call(stack, "POST", f"/api/v1/conversations/{cid}/assign", {"agent": "me"}, bob)
     assert late.status_code == 403  # assigned to ann: outside bob's scope now
     assert (await _call(stack, "GET", f"/api/v1/conversations/{cid}", None, bob)).status_code == 403
+    # and so is the customer: ann sees who she serves, bob cannot look them up
+    customer = f"/api/v1/customers/{item['customer']['id']}"
+    assert (await _call(stack, "GET", customer, None, ann)).status_code == 200
+    assert (await _call(stack, "GET", customer, None, bob)).status_code == 403
 
     # the list is a projection: wait until it shows the assignment, then compare
     for _ in range(400):
