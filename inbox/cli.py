@@ -162,7 +162,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.command == "audit":
         return _audit(args)
@@ -174,6 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ivr.cli import check_command, parse_queues
 
         return check_command(args.file, parse_queues(args.queues))
+
+    if args.command == "replay":
+        from projections.replay import PROJECTIONS
+
+        if args.name not in PROJECTIONS:
+            parser.error(f"unknown projection {args.name!r} (known: {', '.join(PROJECTIONS)})")
 
     from infra.settings import load_settings
 
