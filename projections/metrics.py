@@ -76,6 +76,7 @@ COLUMNS: tuple[str, ...] = (
     "res_bh_us",
     "res_24h",  # resolutions within 24 h
     "fcr",  # resolutions with one inbound contact, never reopened (taken back on a reopen)
+    "fcr_n",  # resolved conversations: each counted once, at its first resolution
     "opened",  # conversations opened (under their opening channel and first queue)
     "escalated",  # of those, escalated (counted once, at the opening key)
     "ans",  # calls answered (a queue outcome)
@@ -102,7 +103,7 @@ _V_OTHER = IDX["v_other"]
 _W = [(t * US, IDX[f"w{t}"]) for t in SL_EDGES]
 _FRT_N, _FRT_US, _FRT_BH_US = IDX["frt_n"], IDX["frt_us"], IDX["frt_bh_us"]
 _RES_N, _RES_US, _RES_BH_US = IDX["res_n"], IDX["res_us"], IDX["res_bh_us"]
-_RES_24H, _FCR = IDX["res_24h"], IDX["fcr"]
+_RES_24H, _FCR, _FCR_N = IDX["res_24h"], IDX["fcr"], IDX["fcr_n"]
 _ANS, _WAIT_US, _AHT_N, _AHT_US = IDX["ans"], IDX["wait_us"], IDX["aht_n"], IDX["aht_us"]
 _CSAT_N, _CSAT_GOOD = IDX["csat_n"], IDX["csat_good"]
 _CB_DONE, _CB_US, _CB_BH_US = IDX["cb_done"], IDX["cb_us"], IDX["cb_bh_us"]
@@ -732,6 +733,7 @@ class _Batch:
                 (_RES_BH_US, self.business_us(queue, conv["rs"], at)),
                 (_RES_24H, int(took <= RESOLVED_WITHIN_US)),
                 (_FCR, int(first_contact)),
+                (_FCR_N, int(conv["re"] == 0)),  # (a reopen only follows a resolution)
             ),
         )
         # FCR is provisional for 7 days: a reopen in that time takes it back from this key.

@@ -94,7 +94,7 @@ _ZERO = [0] * (len(COLUMNS) - len(SL_EDGES) + 1)  # nothing, in the query's layo
 assert COLUMNS[:8] == tuple(f"v_{c}" for c in (*CHANNELS, "other"))
 assert COLUMNS[_W0:_W_END] == tuple(f"w{t}" for t in SL_EDGES)
 assert COLUMNS[_W_END] == "abandoned"
-assert len(COLUMNS) == 33 + len(SL_EDGES)
+assert len(COLUMNS) == 34 + len(SL_EDGES)
 
 
 # -- KPIs from sums ---------------------------------------------------------------------
@@ -122,7 +122,8 @@ def _kpis(row: Sequence[int]) -> dict[str, Any]:
     times: one unpacking, the arithmetic inline)."""
     (
         v_email, v_voice, v_sms, v_whatsapp, v_messenger, v_instagram, v_chat, v_other,
-        frt_n, frt_us, frt_bh_us, res_n, res_us, res_bh_us, res_24h, fcr, opened, escalated,
+        frt_n, frt_us, frt_bh_us, res_n, res_us, res_bh_us, res_24h, fcr, fcr_n, opened,
+        escalated,
         ans, wait_us, within, abandoned, cb_queued, aht_n, aht_us, csat_n, csat_good,
         cb_req, cb_done, cb_failed, cb_us, cb_bh_us, busy_us, staffed_us,
     ) = row  # fmt: skip
@@ -143,7 +144,7 @@ def _kpis(row: Sequence[int]) -> dict[str, Any]:
         "abandonment_rate": abandoned / queued if queued else None,
         "service_level": within / queued if queued else None,
         "aht": aht_us / aht_n / US if aht_n else None,
-        "fcr": fcr / res_n if res_n else None,
+        "fcr": fcr / fcr_n if fcr_n else None,
         "csat": csat_good / csat_n if csat_n else None,
         "escalation_rate": escalated / opened if opened else None,
         "volume": volume,

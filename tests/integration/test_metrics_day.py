@@ -414,25 +414,25 @@ def test_every_kpi_by_hour(day: Day) -> None:
             agent_utilization=1.0,
         ),
     )
-    # 12:00: E1 resolved 1 h after its reopen (a new measurement; two contacts: no FCR);
-    # its CSAT 2. Tom staffed until 12:30, idle.
+    # 12:00: E1 resolved 1 h after its reopen (a new measurement of resolution time, but not
+    # a newly resolved conversation: FCR counted it at 10:00); its CSAT 2. Tom staffed until
+    # 12:30, idle.
     check(
         kpis[5],
         expect(
             resolution_time=3600.0,
             resolution_time_business=3600.0,
             resolved_within_24h=1.0,
-            fcr=0.0,
             csat=0.0,
             agent_utilization=0.0,
         ),
     )
 
     # The day: first responses 75, 9,600, 95, 1,800 (business 75, 2,400, 95, 1,800);
-    # resolutions 420, 10,800, 360, 3,600 (business 420, 3,600, 360, 3,600), two of them
-    # first-contact; 7 opened, 2 escalated; queue outcomes: answered (15 s), abandoned,
-    # callback; CSAT 5, 4, 2; agents busy 345 + 295 + 1,800 + 3,600 = 6,040 s of
-    # 6,300 (sue 08:45-10:30) + 12,600 (tom 09:00-12:30) staffed.
+    # resolutions 420, 10,800, 360, 3,600 (business 420, 3,600, 360, 3,600) of three
+    # conversations, two of them first-contact; 7 opened, 2 escalated; queue outcomes:
+    # answered (15 s), abandoned, callback; CSAT 5, 4, 2; agents busy 345 + 295 + 1,800 +
+    # 3,600 = 6,040 s of 6,300 (sue 08:45-10:30) + 12,600 (tom 09:00-12:30) staffed.
     check(
         result["total"],
         expect(
@@ -446,7 +446,7 @@ def test_every_kpi_by_hour(day: Day) -> None:
             abandonment_rate=1 / 3,
             service_level=1 / 3,
             aht=330.0,
-            fcr=0.5,
+            fcr=2 / 3,
             csat=2 / 3,
             escalation_rate=2 / 7,
             callbacks={

@@ -90,12 +90,14 @@ def test_means_are_seconds_from_microsecond_sums() -> None:
 
 
 def test_shares_and_callbacks() -> None:
-    # given 4 resolutions (3 within a day, 1 first-contact), 10 opened with 2 escalated,
-    # 5 survey answers with 4 good, 2 callbacks completed after 10 and 30 minutes
+    # given 5 resolutions (4 within a day) of 4 conversations (one resolved again after a
+    # reopen), 1 of them first-contact; 10 opened with 2 escalated, 5 survey answers with 4
+    # good, 2 callbacks completed after 10 and 30 minutes
     sums = row(
-        res_n=4,
-        res_24h=3,
+        res_n=5,
+        res_24h=4,
         fcr=1,
+        fcr_n=4,
         opened=10,
         escalated=2,
         csat_n=5,
@@ -111,7 +113,8 @@ def test_shares_and_callbacks() -> None:
         v_other=1,
     )
     result = kpis(sums)
-    assert (result["resolved_within_24h"], result["fcr"]) == (3 / 4, 1 / 4)
+    # resolutions count each; FCR counts each resolved conversation once
+    assert (result["resolved_within_24h"], result["fcr"]) == (4 / 5, 1 / 4)
     assert (result["escalation_rate"], result["csat"]) == (2 / 10, 4 / 5)
     assert result["agent_utilization"] == 1 / 4
     assert result["callbacks"] == {
