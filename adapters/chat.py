@@ -95,6 +95,8 @@ def parse_frame(raw: str | bytes) -> ChatMessage:
         text.encode()  # JSON escapes can smuggle in lone surrogates, which Kafka JSON cannot carry
     except UnicodeEncodeError:
         raise FrameError("invalid_frame", '"text" is not valid Unicode') from None
+    if "\x00" in text:
+        raise FrameError("invalid_frame", '"text" holds a NUL character')
     client_id = data.get("id")
     if client_id is not None:
         if not isinstance(client_id, str):

@@ -28,7 +28,7 @@ from inbox import audit, telemetry
 from inbox.access import Principal, can_work_on
 from inbox.agents import AlreadyExists, Directory, InvalidSpec, agent_profile, queue_spec
 from inbox.commands import Commands, NotFound
-from inbox.contact import CHANNELS
+from inbox.contact import CHANNELS, holds_nul
 from inbox.domain.conversation import Conversation
 from inbox.domain.errors import ConversationStateError, CustomerMergeError, DomainError
 from inbox.domain.time import parse_instant
@@ -173,7 +173,7 @@ def _timestamp(text: str, what: str) -> datetime:
     """An ISO 8601 instant; one without a zone is UTC."""
     try:
         return parse_instant(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: year 1 with an offset
         raise ApiError(422, "invalid", f"{what} must be an ISO 8601 timestamp") from None
 
 
@@ -228,7 +228,8 @@ def _list_filters(params: Mapping[str, str]) -> dict[str, Any]:
         else:
             filters["customer"] = str(_uuid(customer, "customer"))
     limit = params.get("limit", "50")
-    if not limit.isdigit() or not 1 <= int(limit) <= 500:
+    # (isdigit alone takes "²", which int() does not)
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 500:
         raise ApiError(422, "invalid", "limit must be an integer from 1 to 500")
     filters["limit"] = int(limit)
     if params.get("cursor"):
@@ -350,6 +351,8 @@ async def _body(request: Request, *required: str) -> dict[str, Any]:
         raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
+    if holds_nul(body):  # (PostgreSQL's text cannot hold it, nor the read models built on it)
+        raise ApiError(422, "invalid", "the body holds a NUL character (U+0000)")
     for name in required:
         value = body.get(name)
         if not isinstance(value, str) or not value.strip():
@@ -603,7 +606,10 @@ async def kpis(request: Request) -> Response:
     await _authenticate(request, "metrics.read")
     params = request.query_params
     end = _timestamp(params["to"], "to") if "to" in params else datetime.now(UTC)
-    start = _timestamp(params["from"], "from") if "from" in params else end - timedelta(days=1)
+    try:
+        start = _timestamp(params["from"], "from") if "from" in params else end - timedelta(days=1)
+    except OverflowError:  # `to` in year 1, and no `from`
+        raise ApiError(422, "invalid", "to is too early to count a day back from") from None
     try:
         service_level = float(params.get("sl", "20"))
     except ValueError:

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 import msgspec
 import orjson
 
+from inbox.domain.conversation import MAX_PRIORITY
 from inbox.identity import (
     SOCIAL_NETWORKS,
     InvalidIdentity,
@@ -22,6 +23,9 @@ from inbox.identity import (
 
 SCHEMA = "contact-event/1"
 MAX_RECORD_BYTES = 1024 * 1024
+# A call's durations (talk, hold, wrap, queue wait): a week is past any real call, and keeps
+# the sums of the metrics within their 64-bit counters.
+MAX_CALL_SECONDS = 7 * 86_400
 
 Channel = Literal["email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat"]
 EventType = Literal[
@@ -140,6 +144,8 @@ def parse_contact_event(raw: bytes | None, *, now: datetime | None = None) -> Co
         raise InvalidContactEvent(f"invalid contact event: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidContactEvent(f"not JSON: {exc}") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise InvalidContactEvent("not JSON this service reads: nested too deep") from None
     return validate(event, now=now)
 
 
@@ -166,7 +172,22 @@ def validate(event: ContactEvent, *, now: datetime | None = None) -> ContactEven
         orjson.dumps(payload)
     except TypeError as exc:  # valid JSON the event store's cannot hold: 2**64, deep nesting
         raise InvalidContactEvent(f"payload cannot be stored: {exc}") from None
+    texts = (event.event_id, event.thread.ref, *event.thread.in_reply_to, customer.name)
+    if any(text is not None and "\x00" in text for text in texts) or holds_nul(payload):
+        # PostgreSQL's text cannot hold it: every read model would fail on the event
+        raise InvalidContactEvent("a NUL character (U+0000) is in the event")
     return msgspec.structs.replace(event, occurred_at=at, customer=customer, payload=payload)
+
+
+def holds_nul(value: object) -> bool:
+    """Whether a NUL character is in a JSON value's strings (keys too)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(holds_nul(item) for item in value)
+    return False
 
 
 def _normalise_customer(customer: CustomerRef) -> CustomerRef:
@@ -211,6 +232,18 @@ def _name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
+def _check_attachment(attachment: object) -> None:
+    """`{name, type, size, ref}` (CONTRACT), each of them optional."""
+    if not isinstance(attachment, dict):
+        raise InvalidContactEvent("payload.attachments must hold objects {name, type, size, ref}")
+    for name in ("name", "type", "ref"):
+        if attachment.get(name) is not None and not isinstance(attachment[name], str):
+            raise InvalidContactEvent(f"payload.attachments[].{name} must be a string")
+    size = attachment.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise InvalidContactEvent("payload.attachments[].size must be a whole number >= 0")
+
+
 def _check_payload(event_type: str, payload: dict[str, Any]) -> None:
     if event_type == "message.received":
         text = payload.get("text")
@@ -219,10 +252,24 @@ def _check_payload(event_type: str, payload: dict[str, Any]) -> None:
         attachments = payload.get("attachments", [])
         if not isinstance(attachments, list):
             raise InvalidContactEvent("payload.attachments must be a list")
+        for attachment in attachments:
+            _check_attachment(attachment)
         if not text and not attachments and not payload.get("subject"):
             raise InvalidContactEvent("a message needs text, a subject or attachments")
     elif event_type in _CALL_TYPES:
         _require(payload, "call_sid", str)
+        for name in ("queue", "agent"):
+            if payload.get(name) is not None and not isinstance(payload[name], str):
+                raise InvalidContactEvent(f"payload.{name} must be a string")
+        priority = payload.get("priority")
+        if priority is not None and (
+            not isinstance(priority, int)
+            or isinstance(priority, bool)
+            or not 0 <= priority <= MAX_PRIORITY
+        ):
+            raise InvalidContactEvent(
+                f"payload.priority must be an integer from 0 to {MAX_PRIORITY}"
+            )
         if event_type == "callback.requested":
             _require(payload, "number", str)
             try:
@@ -232,9 +279,13 @@ def _check_payload(event_type: str, payload: dict[str, Any]) -> None:
         for seconds in ("talk_seconds", "hold_seconds", "wrap_seconds", "queue_seconds"):
             value = payload.get(seconds)
             if value is not None and (
-                not isinstance(value, int | float) or isinstance(value, bool) or value < 0
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not 0 <= value <= MAX_CALL_SECONDS
             ):
-                raise InvalidContactEvent(f"payload.{seconds} must be a number >= 0")
+                raise InvalidContactEvent(
+                    f"payload.{seconds} must be a number from 0 to {MAX_CALL_SECONDS}"
+                )
     elif event_type == "csat.submitted":
         score = payload.get("score")
         if not isinstance(score, int) or isinstance(score, bool) or not 1 <= score <= 5:

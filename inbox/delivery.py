@@ -645,7 +645,7 @@ class DeliveryService:
             # A sender's own bug must not stop delivery of everything else: it counts as a
             # failed attempt, with the error on the row and in the log.
             log.exception("the %s sender raised", entry.channel)
-            error = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {_reason(exc)}"
         else:
             return Outcome(SENT, result=result, recipient=recipient)
         if entry.attempts >= self.max_attempts:
@@ -771,7 +771,9 @@ class DeliveryService:
 
 
 def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+    # (a service's error text goes into a text column and an event: no NUL, which
+    # PostgreSQL's text cannot hold and the contact-event gate refuses)
+    return (str(exc) or type(exc).__name__).replace("\x00", "")
 
 
 async def _wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:  # noqa: ASYNC109

@@ -37,7 +37,7 @@ from eventsourcing.persistence import IntegrityError
 
 from inbox import routing_state, telemetry
 from inbox.agents import Directory
-from inbox.domain.conversation import RESOLVED, ROUTER, Conversation
+from inbox.domain.conversation import MAX_PRIORITY, RESOLVED, ROUTER, Conversation
 from inbox.domain.errors import DomainError
 from inbox.domain.queue import DEFAULT_QUEUE
 from inbox.domain.routing import AgentSpec, Offer, OfferLapsed, QueueSpec, Router
@@ -79,7 +79,6 @@ HANDLES = frozenset(
         "Callback.Cancelled",
     }
 )
-MAX_PRIORITY = 9
 VIP_PRIORITY = 2
 # A saved state is replaced after this many events read (and when the process stops): a
 # restart then reads at most about this many before it decides again.

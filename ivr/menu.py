@@ -29,6 +29,7 @@ from typing import Any
 import phonenumbers
 
 from inbox.domain.business_hours import BusinessHours, CalendarError
+from inbox.domain.conversation import MAX_PRIORITY
 from ivr.phrases import BUILT_IN, PLACEHOLDERS, fields_of
 
 DEFAULT_QUEUE = "default"
@@ -36,7 +37,6 @@ SUPERVISOR_QUEUE = "supervisors"
 BUNDLED_EXAMPLE = Path(__file__).parent / "menus" / "example.toml"
 DIGITS = frozenset("0123456789*#")
 MAX_REPEATS = 5
-MAX_PRIORITY = 10
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
 # Twilio's <Say>/<Gather> locales: en-US, de-DE, cmn-Hans-CN, ...
 _LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,4}){1,2}$")

@@ -196,8 +196,12 @@ def _forget(tx: Tx, entries: str, conversations: Sequence[str]) -> None:
                 if isinstance(data.get(name), str) and data[name]:
                     data[name] = "[forgotten]"
             if data.get("attachments"):
+                # (before attachments were checked to be objects, anything was taken in)
                 data["attachments"] = [
-                    {**a, "name": "[forgotten]", "ref": None} for a in data["attachments"]
+                    {**a, "name": "[forgotten]", "ref": None}
+                    if isinstance(a, dict)
+                    else "[forgotten]"
+                    for a in data["attachments"]
                 ]
             if "in_reply_to" in data:
                 data["in_reply_to"] = []

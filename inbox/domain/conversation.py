@@ -19,6 +19,17 @@ from inbox.domain.errors import ConversationStateError
 OPEN, PENDING, RESOLVED = "open", "pending", "resolved"
 CUSTOMER = "customer"
 ROUTER = "router"
+# Priorities go from 0 (normal) to this; a higher one is served first.
+MAX_PRIORITY = 9
+
+
+def _check_priority(priority: int) -> None:
+    if (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or not 0 <= priority <= MAX_PRIORITY
+    ):
+        raise ConversationStateError(f"priority must be a whole number from 0 to {MAX_PRIORITY}")
 
 
 def _survey_score(text: str) -> int | None:
@@ -418,6 +429,7 @@ class Conversation(DomainAggregate):
         self.trigger_event(self.Assigned, agent=agent, actor=actor, at=at)
 
     def enter_queue(self, queue: str, priority: int, *, reason: str, actor: str, at: str) -> None:
+        _check_priority(priority)
         if self.status == RESOLVED:
             raise ConversationStateError("a resolved conversation waits in no queue")
         if queue == self.queue and priority == self.priority:
@@ -427,6 +439,7 @@ class Conversation(DomainAggregate):
         )
 
     def change_priority(self, priority: int, *, reason: str, actor: str, at: str) -> None:
+        _check_priority(priority)
         if priority == self.priority:
             raise ConversationStateError(f"priority is already {priority}")
         self.trigger_event(

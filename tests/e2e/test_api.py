@@ -68,12 +68,26 @@ async def test_bad_requests_get_clear_errors(stack: Stack) -> None:
         ({"channel": "fax"}, "channel"),
         ({"limit": "501"}, "limit"),
         ({"limit": "0"}, "limit"),
+        ({"limit": "²"}, "limit"),  # a digit to str.isdigit, not to int()
         ({"customer": "phone:12"}, "customer"),
         ({"cursor": "not-a-cursor"}, "cursor"),
     ]:
         response = await stack.get("/api/v1/conversations", **params)
         assert response.status_code == 422, params
         assert needle in response.json()["error"]["message"], params
+    for params, needle in [
+        ({"to": "0001-01-01T00:00:00Z"}, "to"),
+        ({"to": "0001-01-01T00:00:00+14:00"}, "to"),
+        ({"from": "yesterday"}, "from"),
+    ]:
+        response = await stack.get("/api/v1/metrics", **params)
+        assert response.status_code == 422, params
+        assert needle in response.json()["error"]["message"], params
+    nul = await stack.post(
+        "/api/v1/conversations/0b0c7a52-3b0e-4c8e-9a55-0c4f6f7d2b10/notes", {"text": "a\x00b"}
+    )
+    assert nul.status_code == 422
+    assert "NUL" in nul.json()["error"]["message"]
     missing = await stack.get("/api/v1/conversations/0b0c7a52-3b0e-4c8e-9a55-0c4f6f7d2b10")
     assert missing.status_code == 404
     assert (await stack.get("/api/v1/conversations/not-a-uuid")).status_code == 404

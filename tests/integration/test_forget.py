@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from uuid import uuid4
 
+import orjson
 from eventsourcing.persistence import Tracking
 
 from adapters.attachments import AttachmentStore
@@ -168,3 +169,36 @@ def test_the_forget_command(tmp_path: Path) -> None:
     )
     assert missing.returncode == 1
     assert "no customer" in missing.stderr
+
+
+def test_forget_copes_with_attachments_taken_in_before_they_were_checked(
+    world: World,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """An attachment that is not an object (the gate refuses those now; older stores may
+    hold them) is forgotten too, instead of stopping the timeline."""
+    conversation = alice_story(world)
+    older = world.store.get(conversation.id)
+    assert isinstance(older, Conversation)
+    older.receive_message(
+        channel="email",
+        via=None,
+        message_id="<legacy@example.com>",
+        text="see the scan",
+        subject=None,
+        html=None,
+        attachments=["passport-scan.pdf"],
+        thread_ref=None,
+        in_reply_to=[],
+        automatic=False,
+        source_event_id="legacy-1",
+        at="2026-11-27T10:30:00.000000Z",
+    )
+    world.store.save(older)
+    world.catch_up()
+    customer = world.customer_of("email:alice@example.com")
+    forget_customer(world.store, customer.id, actor="dpo", data_dir=tmp_path, read_models=world.db)
+    world.catch_up()
+    detail = get_conversation(world.db, str(conversation.id))
+    assert detail is not None
+    assert "passport-scan.pdf" not in orjson.dumps(detail).decode()

@@ -6,6 +6,7 @@ import copy
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
+from functools import partial
 from typing import Any, cast, get_args
 
 import msgspec
@@ -428,19 +429,79 @@ INVALID: list[tuple[str, str, Mutation, str]] = [
         "negative-talk",
         "call.ended",
         _set("payload.talk_seconds", -1),
-        "payload.talk_seconds must be a number >= 0",
+        "payload.talk_seconds must be a number from 0 to 604800",
     ),
     (
         "bool-hold",
         "call.ended",
         _set("payload.hold_seconds", True),
-        "payload.hold_seconds must be a number >= 0",
+        "payload.hold_seconds must be a number from 0 to 604800",
     ),
     (
         "text-queue-seconds",
         "call.abandoned",
         _set("payload.queue_seconds", "41"),
-        "payload.queue_seconds must be a number >= 0",
+        "payload.queue_seconds must be a number from 0 to 604800",
+    ),
+    (
+        "a-century-of-talk",
+        "call.ended",
+        _set("payload.talk_seconds", 10**13),
+        "payload.talk_seconds must be a number from 0 to 604800",
+    ),
+    (
+        "priority-text",
+        "call.queued",
+        _set("payload.priority", "high"),
+        "payload.priority must be an integer from 0 to 9",
+    ),
+    (
+        "priority-huge",
+        "call.queued",
+        _set("payload.priority", 10**19),
+        "payload.priority must be an integer from 0 to 9",
+    ),
+    (
+        "queue-not-text",
+        "call.queued",
+        _set("payload.queue", ["sales"]),
+        "payload.queue must be a string",
+    ),
+    (
+        "agent-not-text",
+        "call.answered",
+        _set("payload.agent", 7),
+        "payload.agent must be a string",
+    ),
+    (
+        "attachment-not-object",
+        "message.received",
+        _set("payload.attachments", ["x.pdf"]),
+        "payload.attachments must hold objects",
+    ),
+    (
+        "attachment-size-text",
+        "message.received",
+        _set("payload.attachments", [{"name": "x.pdf", "size": "12"}]),
+        "payload.attachments\\[\\].size must be a whole number",
+    ),
+    (
+        "nul-in-text",
+        "message.received",
+        _set("payload.text", "a\x00b"),
+        "a NUL character",
+    ),
+    (
+        "nul-in-event-id",
+        "message.received",
+        _set("event_id", "e\x00"),
+        "a NUL character",
+    ),
+    (
+        "nul-deep",
+        "call.ended",
+        _set("payload.extra", {"k": ["\x00"]}),
+        "a NUL character",
     ),
     (
         "callback-no-number",
@@ -734,7 +795,11 @@ _phones = st.builds(lambda n: f"+1415555{n:04d}", st.integers(0, 9999)) | st.bui
 _socials = st.builds(
     Social, network=st.sampled_from(["whatsapp", "messenger", "instagram"]), id=_id_text
 )
-_seconds = st.none() | st.integers(0, 10**6) | st.floats(0, 1e6, allow_nan=False)
+_seconds = st.none() | st.integers(0, 604800) | st.floats(0, 604800, allow_nan=False)
+# Text a valid event may hold: anything but NUL (which PostgreSQL's text cannot hold)
+_text = partial(
+    st.text, alphabet=st.characters(exclude_characters="\x00", exclude_categories=["Cs"])
+)
 
 
 @st.composite
@@ -747,7 +812,7 @@ def valid_customers(draw: st.DrawFn) -> CustomerRef:
                 "phone": _phones,
                 "visitor": _id_text,
                 "social": _socials,
-                "name": st.text(min_size=1, max_size=40).map(str.strip).filter(bool),
+                "name": _text(min_size=1, max_size=40).map(str.strip).filter(bool),
             },
         ).filter(lambda f: bool(set(f) - {"name"}))
     )
@@ -758,17 +823,17 @@ def _payload_for(event_type: str) -> st.SearchStrategy[Json]:
     call = {"call_sid": _id_text}
     by_type: dict[str, st.SearchStrategy[Json]] = {
         "message.received": st.fixed_dictionaries(
-            {"text": st.text(min_size=1)},
+            {"text": _text(min_size=1)},
             optional={
-                "subject": st.text(),
-                "html": st.text(),
+                "subject": _text(),
+                "html": _text(),
                 "message_id": _id_text,
                 "attachments": st.lists(
                     st.fixed_dictionaries(
                         {
-                            "name": st.text(),
-                            "type": st.text(),
-                            "size": st.integers(0),
+                            "name": _text(),
+                            "type": _text(),
+                            "size": st.integers(0, 2**63 - 1),
                             "ref": _id_text,
                         }
                     ),
@@ -778,27 +843,25 @@ def _payload_for(event_type: str) -> st.SearchStrategy[Json]:
         ),
         "call.started": st.fixed_dictionaries({**call, "to": _phones}),
         "ivr.selected": st.fixed_dictionaries(
-            {**call, "node": st.text(), "choice": st.text(), "path": st.lists(st.text())}
+            {**call, "node": _text(), "choice": _text(), "path": st.lists(_text())}
         ),
-        "call.queued": st.fixed_dictionaries({**call, "queue": st.text()}),
-        "call.answered": st.fixed_dictionaries({**call, "queue": st.text(), "agent": st.text()}),
+        "call.queued": st.fixed_dictionaries({**call, "queue": _text()}),
+        "call.answered": st.fixed_dictionaries({**call, "queue": _text(), "agent": _text()}),
         "call.ended": st.fixed_dictionaries(
             {**call, "talk_seconds": _seconds, "hold_seconds": _seconds, "wrap_seconds": _seconds}
         ),
         "call.abandoned": st.fixed_dictionaries(
-            {**call, "queue": st.text(), "queue_seconds": _seconds}
+            {**call, "queue": _text(), "queue_seconds": _seconds}
         ),
-        "callback.requested": st.fixed_dictionaries(
-            {**call, "queue": st.text(), "number": _phones}
-        ),
+        "callback.requested": st.fixed_dictionaries({**call, "queue": _text(), "number": _phones}),
         "chat.started": st.just({}),
         "chat.ended": st.just({}),
         "csat.submitted": st.fixed_dictionaries(
-            {"score": st.integers(1, 5)}, optional={"comment": st.text()}
+            {"score": st.integers(1, 5)}, optional={"comment": _text()}
         ),
         "delivery.status": st.fixed_dictionaries(
             {"message_id": _id_text, "status": st.sampled_from(sorted(DELIVERY_STATUSES))},
-            optional={"error": st.none() | st.text()},
+            optional={"error": st.none() | _text()},
         ),
     }
     return by_type[event_type]
@@ -808,7 +871,7 @@ def _payload_for(event_type: str) -> st.SearchStrategy[Json]:
 def valid_events(draw: st.DrawFn) -> ContactEvent:
     event_type = draw(st.sampled_from(get_args(EventType)))
     return ContactEvent(
-        event_id=draw(st.text(min_size=1, max_size=60).filter(str.strip)),
+        event_id=draw(_text(min_size=1, max_size=60).filter(str.strip)),
         occurred_at=draw(
             st.datetimes(
                 min_value=datetime(2000, 1, 1),
@@ -820,9 +883,7 @@ def valid_events(draw: st.DrawFn) -> ContactEvent:
         type=event_type,
         customer=draw(valid_customers()),
         thread=draw(
-            st.builds(
-                ThreadRef, ref=st.none() | st.text(), in_reply_to=st.lists(st.text()).map(tuple)
-            )
+            st.builds(ThreadRef, ref=st.none() | _text(), in_reply_to=st.lists(_text()).map(tuple))
         ),
         payload=draw(_payload_for(event_type)),
     )
