@@ -45,6 +45,7 @@ _REASON_LABELS = (
     ("customer", "customer"),
     ("payload", "payload"),
     ("a message needs", "payload"),
+    ("a NUL character", "nul"),
 )
 DEAD_LETTER_REASONS = (*dict.fromkeys(label for _, label in _REASON_LABELS), "other")
 for _label in DEAD_LETTER_REASONS:

@@ -637,6 +637,13 @@ def test_valid_json_the_event_store_cannot_hold_is_refused(extra: Any, reason: s
     assert parse_contact_event(fine.encode(), now=NOW).payload["extra"][0] == 2**63 - 1
 
 
+def test_a_record_nested_past_what_the_decoder_reads_is_refused() -> None:
+    deep = '{"d":' * 3000 + "1" + "}" * 3000
+    record = json.dumps(event_dict(payload={"text": "hi"}))[:-1] + ', "x": ' + deep + "}"
+    with pytest.raises(InvalidContactEvent, match="nested too deep"):
+        parse_contact_event(record.encode(), now=NOW)
+
+
 def test_validate_refuses_a_naive_struct_built_in_python() -> None:
     event = ContactEvent(
         event_id="e",

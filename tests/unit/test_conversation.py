@@ -590,3 +590,16 @@ def test_every_event_carries_a_class_version() -> None:
     assert versions.pop("DeliveryStatusRecorded") == 2  # provider_id added; v1 is upcast
     assert versions.pop("MessageReceived") == 2  # via added; v1 is upcast
     assert set(versions.values()) == {1}
+
+
+@pytest.mark.parametrize("priority", [-1, 10, 10**19, True, "9"])
+def test_a_priority_outside_0_to_9_is_refused(priority: Any) -> None:
+    scenario = Scenario()
+    scenario.refused(
+        lambda c: c.enter_queue("sales", priority, reason="ivr", actor="router", at=T1),
+        "priority must be a whole number from 0 to 9",
+    )
+    scenario.refused(
+        lambda c: c.change_priority(priority, reason="vip", actor="router", at=T1),
+        "priority must be a whole number from 0 to 9",
+    )
