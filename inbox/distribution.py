@@ -377,7 +377,17 @@ class Distributor:
             # (as in the projections: a collection would walk every conversation kept)
             with gc_paused():
                 for event in events:
-                    self.apply(event)
+                    try:
+                        self.apply(event)
+                    except Exception:  # in memory only: a bug, or a value nobody expected
+                        # Routing goes on for everyone else; a restart skips it the same way.
+                        log.exception(
+                            "%s: event %d (%s of %s) not applied",
+                            self.state_name,
+                            event.notification_id,
+                            event.name,
+                            event.originator_id,
+                        )
             self.position = records[-1][0]
             self.last_read = record_id(records[-1])
             total += len(records)
@@ -929,21 +939,25 @@ class Distributor:
     async def _run(
         self, stop: asyncio.Event, poll_interval: float, stored: Callable[[], None]
     ) -> None:
+        failures = 0
         while not stop.is_set():
             self._wake.clear()
             try:
                 recorded = await asyncio.to_thread(self.step)
+                failures = 0
             except Exception:  # a lost database connection: log, wait, carry on
                 log.exception("distribution round failed")
                 recorded = 0
+                failures = min(failures + 1, 10)
             if recorded:
                 stored()
                 continue  # what we recorded comes back through the log: read it now
             if self.caught_up and self.position - self._saved_at >= self.save_every:
                 await asyncio.to_thread(self.save_state)
-            timeout = poll_interval
+            # failing rounds back off (to 5 s), instead of a traceback every poll
+            timeout = min(5.0, poll_interval * 2**failures) if failures else poll_interval
             deadline = self.next_deadline()
-            if deadline is not None:
+            if deadline is not None and not failures:
                 timeout = max(0.0, min(timeout, deadline - self.clock().timestamp()))
             waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
             _, pending = await asyncio.wait(

@@ -402,6 +402,14 @@ class ProjectionRunner:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except Exception:
+                # An event a projection cannot apply (a bug, or a value it does not expect):
+                # the thread stays, and says so loudly, rather than end with nobody noticing
+                # while the API serves an ever older picture. Nothing of the batch landed.
+                log.exception("projection runner: a batch failed; retrying in %.1fs", backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
             if leads is not None:
                 leads.report(behind=self.behind, position=self.reached)
             backoff = poll_interval

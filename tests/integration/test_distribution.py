@@ -5,6 +5,7 @@ decisions. The clock is injected, so offer timeouts and SLA deadlines are exact.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -142,6 +143,41 @@ def test_an_email_goes_to_the_free_agent_and_freed_capacity_is_used_at_once(
     distributor.step()  # the very next round, no sweep interval
 
     assert center.conversation(second.id).assignee == "ann"
+
+
+def test_an_event_the_distributor_cannot_apply_is_skipped_and_routing_goes_on(
+    center: Center,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Stored before the gate checked call priorities (it refuses this now): the routing
+    process logs it and goes on for everyone else, instead of failing every round."""
+    center.agent("ann", capacity={"email": 1, "voice": 1})
+    call = center.contact(
+        "CA9:s",
+        type="call.started",
+        payload={"call_sid": "CA9"},
+        channel="voice",
+        email="caller@example.com",
+    )
+    legacy = center.conversation(call.id)
+    legacy.record_activity(
+        "call.queued",
+        channel="voice",
+        data={"call_sid": "CA9", "queue": "sales", "priority": "high"},
+        source_event_id="legacy-queued",
+        at=iso(center.clock.now),
+    )
+    center.store.save(legacy)
+    mail = center.contact("m1", email="a@example.com")
+    distributor = center.distributor()
+    caplog.set_level(logging.ERROR, logger="inbox.distribution")
+
+    distributor.step()
+
+    assert "(Conversation.ActivityRecorded of" in caplog.text
+    assert "not applied" in caplog.text
+    assert center.conversation(mail.id).assignee == "ann"  # the next event was routed
+    assert distributor.caught_up
 
 
 def test_entry_points_and_keywords_choose_the_queue(center: Center) -> None:

@@ -24,7 +24,7 @@ from inbox.domain.queue import Queue
 from inbox.domain.sla import SlaPolicy
 from inbox.ingest import Ingestor
 from infra.store import ContactEventRow, EventStore
-from projections.base import Projection
+from projections.base import Event, Projection
 from projections.db import IntegrityError, ReadModelDB, Tx, open_read_models, replace_on_conflict
 from projections.inbox_view import InboxView, QueryError, get_customer, list_conversations
 from projections.replay import PROJECTIONS, rebuild
@@ -669,6 +669,46 @@ def test_concurrent_runners_in_threads_match_a_single_replay(world: World) -> No
     assert all(p == head for _, p in probe.positions().values())
     processed = sum(r.stats.processed["inbox"] for r in runners)
     assert processed == len(world.store.notifications(0, 100_000))  # each one once
+    live = rows(world.db, active_tables(world.db, InboxView()))
+    rebuild(world.store, world.db, "inbox", from_start=True)
+    assert rows(world.db, active_tables(world.db, InboxView())) == live
+
+
+class _FailsTwice(InboxView):
+    """An inbox view whose first two batches raise (a bug, an event it does not expect)."""
+
+    failures = 2
+
+    def apply(self, tx: Tx, generation: int, events: Sequence[Event], *, position: int) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ValueError("an event this code did not expect")
+        super().apply(tx, generation, events, position=position)
+
+
+def test_a_runner_whose_batch_fails_logs_it_and_goes_on_with_nothing_half_done(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    busy_history(world, customers=5)
+    runner = ProjectionRunner(world.store, world.db, [_FailsTwice()])
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=runner.run_forever, args=(stop,), kwargs={"poll_interval": 0.01}
+    )
+    caplog.set_level(logging.ERROR, logger="projections.runner")
+    thread.start()
+    try:
+        head = world.store.max_notification_id()
+        for _ in range(400):
+            if runner.positions()["inbox"][1] == head:
+                break
+            stop.wait(0.05)
+        assert thread.is_alive()  # it did not end with the first error
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert caplog.text.count("a batch failed") == 2
+    assert runner.positions()["inbox"][1] == head
     live = rows(world.db, active_tables(world.db, InboxView()))
     rebuild(world.store, world.db, "inbox", from_start=True)
     assert rows(world.db, active_tables(world.db, InboxView())) == live
