@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
-_REF = re.compile(r"^sha256:([0-9a-f]{64})$")
+_REF = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 
 
 class UnknownAttachment(LookupError):

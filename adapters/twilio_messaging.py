@@ -48,7 +48,7 @@ EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 # Twilio accepts at most 10 media per message; a larger count is not Twilio's.
 MAX_MEDIA = 10
 # Message SIDs are two letters (SM, MM) and 32 hex digits.
-_SID = re.compile(r"^[A-Za-z]{2}[0-9a-fA-F]{32}$")
+_SID = re.compile(r"^[A-Za-z]{2}[0-9a-fA-F]{32}\Z")
 _WHATSAPP = "whatsapp:"
 # Twilio's MessageStatus → the contact event's delivery status; others are not published.
 _PUBLISHED_STATUSES = {

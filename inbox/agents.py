@@ -31,8 +31,8 @@ from inbox.domain.time import Clock, iso, system_clock
 from inbox.identity import InvalidIdentity, normalise_phone
 from inbox.ports import EventStorePort
 
-_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-_QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
+_QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 # "messaging" is the capacity shared by the text channels an agent has no own number for
 CAPACITY_KEYS = CHANNELS | {"messaging"}
 
@@ -97,10 +97,17 @@ def agent_profile(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+QUEUE_NAME_RULE = "a queue name is 1-64 of a-z, 0-9, _ and -, starting alphanumeric"
+
+
+def is_queue_name(name: str) -> bool:
+    return _QUEUE_NAME.match(name) is not None
+
+
 def queue_spec(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
     """A queue definition from a request body, checked; `sla` through SlaPolicy."""
-    if not _QUEUE_NAME.match(name):
-        raise InvalidSpec("a queue name is 1-64 of a-z, 0-9, _ and -, starting alphanumeric")
+    if not is_queue_name(name):
+        raise InvalidSpec(QUEUE_NAME_RULE)
     channels = _strings(data, "channels")
     unknown = sorted(set(channels) - CHANNELS)
     if unknown:

@@ -26,7 +26,15 @@ from starlette.routing import BaseRoute, Route
 
 from inbox import audit, telemetry
 from inbox.access import Principal, can_work_on
-from inbox.agents import AlreadyExists, Directory, InvalidSpec, agent_profile, queue_spec
+from inbox.agents import (
+    QUEUE_NAME_RULE,
+    AlreadyExists,
+    Directory,
+    InvalidSpec,
+    agent_profile,
+    is_queue_name,
+    queue_spec,
+)
 from inbox.commands import Commands, NotFound
 from inbox.contact import CHANNELS, holds_nul
 from inbox.domain.conversation import Conversation
@@ -418,7 +426,13 @@ async def conversation_command(request: Request) -> Response:
 
     def assign() -> Any:
         agent, claim = _assignee(principal, body["agent"])
+        if agent != principal.agent_id and _directory(request).agent(agent) is None:
+            # (nobody would ever see it: it would leave every agent's view)
+            raise ApiError(422, "invalid", f"no agent {agent!r}")
         return commands.assign(conversation_id, agent, actor=actor, claim=claim)
+
+    if command == "transfer" and not is_queue_name(body["queue"]):
+        raise ApiError(422, "invalid", f"queue: {QUEUE_NAME_RULE}")
 
     act: dict[str, Callable[[], Any]] = {
         "notes": lambda: commands.add_note(conversation_id, body["text"], actor=actor),

@@ -11,8 +11,8 @@ from functools import lru_cache
 import phonenumbers
 
 SOCIAL_NETWORKS = frozenset({"whatsapp", "messenger", "instagram"})
-_EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+\.[^@\s<>()\[\],;:\".]{2,}$")
-_ID = re.compile(r"^[A-Za-z0-9._:@+\-]{1,200}$")
+_EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+\.[^@\s<>()\[\],;:\".]{2,}\Z")
+_ID = re.compile(r"^[A-Za-z0-9._:@+\-]{1,200}\Z")
 
 
 class InvalidIdentity(ValueError):

@@ -15,7 +15,7 @@ from uuid import UUID
 _TOKEN = re.compile(r"([a-z2-7]{26})", re.I)
 _SUBJECT = re.compile(r"\[#([a-z2-7]{26})\]", re.I)
 _PLUS = re.compile(r"^[^@+]+\+([a-z2-7]{26})@", re.I)
-_MESSAGE_ID = re.compile(r"^<?[^<>@.]+\.([a-z2-7]{26})@[^<>]+>?$", re.I)
+_MESSAGE_ID = re.compile(r"^<?[^<>@.]+\.([a-z2-7]{26})@[^<>]+>?\Z", re.I)
 
 
 def conversation_token(conversation_id: UUID | str) -> str:

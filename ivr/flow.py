@@ -77,9 +77,9 @@ MAX_CHAIN = 16
 # Choices in one call: beyond this the URL grows too long for Twilio; the call is ended.
 MAX_PATH_STEPS = 60
 WAIT_PAUSE_SECONDS = 20
-_CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
-_PATH = re.compile(r"^[0-9a-z*#]{1,4}(\.[0-9a-z*#]{1,4})*$")
-_RECORDING_SID = re.compile(r"^RE[0-9a-fA-F]{32}$")
+_CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}\Z")
+_PATH = re.compile(r"^[0-9a-z*#]{1,4}(\.[0-9a-z*#]{1,4})*\Z")
+_RECORDING_SID = re.compile(r"^RE[0-9a-fA-F]{32}\Z")
 # Twilio's stand-ins for a withheld caller id.
 _ANONYMOUS = frozenset({"+266696687", "+7378742833", "+2562533", "+86282452253", "+8656696"})
 _FINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "canceled", "failed"})

@@ -37,12 +37,12 @@ SUPERVISOR_QUEUE = "supervisors"
 BUNDLED_EXAMPLE = Path(__file__).parent / "menus" / "example.toml"
 DIGITS = frozenset("0123456789*#")
 MAX_REPEATS = 5
-_LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
+_LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}\Z")
 # Twilio's <Say>/<Gather> locales: en-US, de-DE, cmn-Hans-CN, ...
-_LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,4}){1,2}$")
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
-_URL = re.compile(r"^https?://\S+$")
+_LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,4}){1,2}\Z")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_E164 = re.compile(r"^\+[1-9][0-9]{1,14}\Z")
+_URL = re.compile(r"^https?://\S+\Z")
 
 
 # --------------------------------------------------------------------------- the model

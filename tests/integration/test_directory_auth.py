@@ -1,10 +1,12 @@
 """Agents' tokens against the real event store (SQLite and PostgreSQL): a valid token's answer
 is kept for AUTH_TTL; what this Directory changes takes effect at once, what another process
-changes once the answer has aged out."""
+changes once the answer has aged out. Agent ids and queue names are whole and plain."""
 
 from __future__ import annotations
 
-from inbox.agents import AUTH_TTL, Directory, agent_profile
+import pytest
+
+from inbox.agents import AUTH_TTL, Directory, InvalidSpec, agent_profile, is_queue_name, queue_spec
 from infra.store import EventStore
 
 
@@ -59,3 +61,19 @@ def test_a_wrong_token_is_refused_every_time(store: EventStore) -> None:
         assert api.authenticate("cy.") is None
         assert api.authenticate("nobody.secret") is None
     assert api.authenticate(token) is not None
+
+
+@pytest.mark.parametrize("agent_id", ["bob\n", "bob\nx", "", "-bob", "a" * 65])
+def test_an_agent_id_is_whole_and_plain(store: EventStore, agent_id: str) -> None:
+    """(A pattern ending in `$` also took "bob\\n": an agent whose token could never be sent.)"""
+    directory = Directory(store, admin_token="admin-token")
+    with pytest.raises(InvalidSpec):
+        directory.register(agent_id, agent_profile({"name": "Bob", "role": "agent"}), actor="a")
+    assert directory.agent(agent_id.strip() or "x") is None
+
+
+@pytest.mark.parametrize("name", ["q1\n", "Q1", "q 1", "", "-q"])
+def test_a_queue_name_is_whole_and_plain(name: str) -> None:
+    assert not is_queue_name(name)
+    with pytest.raises(InvalidSpec):
+        queue_spec(name, {})
