@@ -184,7 +184,7 @@ def messages_after(messages: Sequence[dict[str, str]], after: str | None) -> lis
             return list(messages[index + 1 :])
     try:
         since = parse_iso(after)
-    except ValueError:
+    except (ValueError, OverflowError):  # (OverflowError: year 1 with an offset)
         return list(messages)
     return [m for m in messages if parse_iso(m["at"]) > since]
 

@@ -648,6 +648,8 @@ def test_messages_after_by_id_time_or_nothing() -> None:
     assert messages_after(messages, "a") == messages[1:]
     assert messages_after(messages, at(1.5)) == messages[1:]
     assert messages_after(messages, "unknown id") == messages  # the client drops duplicates
+    # a time before year 1 in UTC: no time at all, as an unknown id
+    assert messages_after(messages, "0001-01-01T00:00:00+14:00") == messages
 
 
 json_values = st.recursive(
