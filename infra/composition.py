@@ -50,7 +50,7 @@ from ivr.flow import QueueInfo
 from ivr.menu import Menu, load_bundled_example, load_menu
 from ivr.twilio_rest import TwilioRestCalls
 from ivr.voice import voice_routes
-from projections.db import ReadModelDB, open_read_models
+from projections.db import DatabaseError, ReadModelDB, open_read_models
 from projections.directory import list_queues
 from projections.inbox_view import get_item
 from projections.process_state import ReadModelProcessStates
@@ -254,7 +254,12 @@ class QueueSkills:
     def __call__(self, queue: str) -> str | None:
         now = time.monotonic()
         if now - self._at > 1.0:
-            self._skills = {q["name"]: q.get("skill") for q in list_queues(self.db)}
+            try:
+                self._skills = {q["name"]: q.get("skill") for q in list_queues(self.db)}
+            except DatabaseError as exc:
+                # The last answer stands: the stream asks in the middle of fanning out a
+                # batch, and an error there would send part of it twice.
+                log.warning("queue skills not read again (%s): using the last ones", exc)
             self._at = now
         return self._skills.get(queue)
 

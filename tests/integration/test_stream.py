@@ -20,12 +20,19 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from inbox.access import Principal
+from inbox.agents import Directory, queue_spec
 from inbox.domain.agent import Agent
 from inbox.domain.conversation import Conversation
 from inbox.stream import TYPES, ConversationScope, StreamHub
 from infra.broker import free_port
+from infra.composition import QueueSkills
 from infra.store import EventStore, open_event_store
-from projections.runner import event_name
+from projections.db import ReadModelDB
+from projections.directory import NAME as DIRECTORY
+from projections.directory import QUEUES
+from projections.replay import PROJECTIONS
+from projections.runner import ProjectionRunner, event_name
+from projections.tracking import active_table
 from tests.conftest import SettingsFactory
 from tests.support import serving, wait_until
 
@@ -536,3 +543,21 @@ async def test_a_client_too_slow_for_its_buffer_is_closed_and_resumes(
             await hello(ws)
             rest = await frames(ws, reaching(head))
     assert cursors + [f["cursor"] for f in rest] == sent_cursors(store, start)
+
+
+def test_queue_skills_keep_their_last_answer_while_the_database_fails(
+    store: EventStore, db: ReadModelDB, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream asks for a queue's skill in the middle of fanning out a batch: an error
+    there would leave the batch half sent, and send that half again."""
+    directory = Directory(store, admin_token="admin-token")
+    directory.define_queue("sales", queue_spec("sales", {"skill": "selling"}), actor="admin")
+    ProjectionRunner(store, db, [PROJECTIONS["directory"]()]).run_until_caught_up()
+    skills = QueueSkills(db)
+    assert skills("sales") == "selling"
+    with db.transaction() as tx:
+        table = active_table(tx, DIRECTORY, QUEUES)
+        tx.execute(f"DROP TABLE {table}")
+    skills._at = -1.0  # as if a second had passed: it reads again, and fails
+    assert skills("sales") == "selling"
+    assert "queue skills not read again" in caplog.text
