@@ -211,7 +211,14 @@ async def _hot_read(fn: Callable[..., Any], *args: Any) -> Any:
 _STATUSES = {"open", "pending", "resolved", "all"}
 
 
+def _no_nul(params: Mapping[str, str]) -> None:
+    """(A NUL in a filter would reach PostgreSQL, which refuses it in text: a 500.)"""
+    if any("\x00" in value for value in params.values()):
+        raise ApiError(422, "invalid", "a query parameter holds a NUL character (U+0000)")
+
+
 def _list_filters(params: Mapping[str, str]) -> dict[str, Any]:
+    _no_nul(params)
     filters: dict[str, Any] = {}
     status = params.get("status")
     if status is not None:
@@ -619,6 +626,7 @@ async def kpis(request: Request) -> Response:
     default: the last 24 hours by hour, UTC, service level within 20 s."""
     await _authenticate(request, "metrics.read")
     params = request.query_params
+    _no_nul(params)
     end = _timestamp(params["to"], "to") if "to" in params else datetime.now(UTC)
     try:
         start = _timestamp(params["from"], "from") if "from" in params else end - timedelta(days=1)

@@ -69,6 +69,7 @@ async def test_bad_requests_get_clear_errors(stack: Stack) -> None:
         ({"limit": "501"}, "limit"),
         ({"limit": "0"}, "limit"),
         ({"limit": "²"}, "limit"),  # a digit to str.isdigit, not to int()
+        ({"queue": "sales\x00"}, "NUL"),
         ({"customer": "phone:12"}, "customer"),
         ({"cursor": "not-a-cursor"}, "cursor"),
     ]:
@@ -79,6 +80,7 @@ async def test_bad_requests_get_clear_errors(stack: Stack) -> None:
         ({"to": "0001-01-01T00:00:00Z"}, "to"),
         ({"to": "0001-01-01T00:00:00+14:00"}, "to"),
         ({"from": "yesterday"}, "from"),
+        ({"agent": "\x00"}, "NUL"),
     ]:
         response = await stack.get("/api/v1/metrics", **params)
         assert response.status_code == 422, params
