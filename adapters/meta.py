@@ -37,6 +37,7 @@ from inbox.contact import (
     Social,
     ThreadRef,
     validate,
+    without_nul,
 )
 from inbox.domain.time import Clock, system_clock
 from inbox.ports import Publisher
@@ -137,7 +138,7 @@ def _finite(value: Any, what: str, limit: float) -> float:
 def _checked(event: ContactEvent, now: datetime) -> ContactEvent:
     """The contact event gate (identities to E.164 and keys, time range, payload rules)."""
     try:
-        return validate(event, now=now)
+        return validate(without_nul(event), now=now)
     except InvalidContactEvent as exc:
         raise MetaPayloadError(str(exc)) from None
 

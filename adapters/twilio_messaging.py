@@ -36,6 +36,7 @@ from inbox.contact import (
     InvalidContactEvent,
     ThreadRef,
     validate,
+    without_nul,
 )
 from inbox.identity import InvalidIdentity, normalise_phone
 from inbox.ports import Publisher
@@ -196,7 +197,7 @@ def _fields(form: FormData) -> dict[str, str]:
 
 def _validated(event: ContactEvent, now: datetime) -> ContactEvent:
     try:
-        return validate(event, now=now)
+        return validate(without_nul(event), now=now)
     except InvalidContactEvent as exc:
         raise MalformedTwilioRequest(str(exc)) from None
 

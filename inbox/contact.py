@@ -23,9 +23,9 @@ from inbox.identity import (
 
 SCHEMA = "contact-event/1"
 MAX_RECORD_BYTES = 1024 * 1024
-# A call's durations (talk, hold, wrap, queue wait): a week is past any real call, and keeps
-# the sums of the metrics within their 64-bit counters.
-MAX_CALL_SECONDS = 7 * 86_400
+# A call's durations (talk, hold, wrap, queue wait): a callback's wait counts from its request,
+# which may be days before (holidays); a year keeps the metrics' sums in 64-bit counters.
+MAX_CALL_SECONDS = 366 * 86_400
 
 Channel = Literal["email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat"]
 EventType = Literal[
@@ -180,14 +180,43 @@ def validate(event: ContactEvent, *, now: datetime | None = None) -> ContactEven
 
 
 def holds_nul(value: object) -> bool:
-    """Whether a NUL character is in a JSON value's strings (keys too)."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(holds_nul(item) for item in value)
+    """Whether a NUL character is in a JSON value's strings (keys too). Without recursion:
+    an API body may be nested as deep as orjson reads (1,024)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
     return False
+
+
+def without_nul(event: ContactEvent) -> ContactEvent:
+    """The event with NUL characters taken out of its texts: what a channel's adapter hands
+    the gate (which refuses them), so that one stray byte does not lose a customer's
+    message. Adapters build shallow payloads: this recursion is not for any depth."""
+    name = event.customer.name
+    if not holds_nul(event.payload) and (name is None or "\x00" not in name):
+        return event
+    customer = event.customer
+    if name is not None:
+        customer = msgspec.structs.replace(customer, name=name.replace("\x00", ""))
+    return msgspec.structs.replace(event, payload=_stripped(event.payload), customer=customer)
+
+
+def _stripped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_stripped(k): _stripped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stripped(item) for item in value]
+    return value
 
 
 def _normalise_customer(customer: CustomerRef) -> CustomerRef:

@@ -283,14 +283,17 @@ class Distributor:
         return {k: v for k, v in vars(self).items() if k not in _NOT_STATE}
 
     def save_state(self) -> bool:
-        """Saves the state as of the position read so far (between rounds only). Resolved
-        conversations are set aside with it instead of kept in memory: most never change
-        again, and one that does is read back before its event is applied."""
+        """Saves the state as of the position read so far (between rounds only). The routing
+        process sets resolved conversations aside with it instead of keeping them in memory:
+        most never change again, and one that does is read back before its event is
+        applied."""
         if self.states is None or self.position == self._saved_at:
             return False
         settings = self.router.settings
         state = self._state()
-        resolved = [cid for cid, c in self.convs.items() if c.status == RESOLVED]
+        # Only the routing process, of which one runs: a queue mirror runs in every `inbox
+        # serve`, and mirrors under one name would overwrite each other's records.
+        resolved = [cid for cid, c in self.convs.items() if c.status == RESOLVED and self.decide]
         try:
             with gc_paused():
                 set_aside = {
@@ -751,9 +754,9 @@ class Distributor:
                 r: str = reason,
                 p: int = priority,
             ) -> None:
-                conversation.enter_queue(
-                    q, max(p, conversation.priority), reason=r, actor=ROUTER, at=at
-                )
+                # (min: a priority of 10 stored before the range was 0-9 everywhere)
+                priority = min(MAX_PRIORITY, max(p, conversation.priority))
+                conversation.enter_queue(q, priority, reason=r, actor=ROUTER, at=at)
 
             recorded += self._record(cid, act)
         self._clear_to_queue()

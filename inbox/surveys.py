@@ -37,7 +37,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Message
 
 from adapters.kafka import PublishFailed
-from inbox.contact import ContactEvent, CustomerRef, InvalidContactEvent, ThreadRef, validate
+from inbox.contact import (
+    ContactEvent,
+    CustomerRef,
+    InvalidContactEvent,
+    ThreadRef,
+    validate,
+    without_nul,
+)
 from inbox.domain.time import Clock, system_clock
 from inbox.ports import Publisher
 from inbox.thread_tokens import conversation_token
@@ -176,7 +183,7 @@ def survey_event(
             "survey": survey.message_id,
         },
     )
-    return validate(event, now=now)
+    return validate(without_nul(event), now=now)
 
 
 # --------------------------------------------------------------------------- the service

@@ -76,7 +76,8 @@ class Conversation(DomainAggregate):
             if not self.automatic:
                 aggregate.inbound_count += 1
                 aggregate.last_inbound_channel = self.channel
-                aggregate.last_message_channel = self.channel
+                if self.channel != "voice":  # (a voicemail: no reply goes through a call)
+                    aggregate.last_message_channel = self.channel
                 if aggregate.status == PENDING:
                     aggregate.status = OPEN
                 if aggregate.waiting_since is None:

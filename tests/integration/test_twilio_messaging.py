@@ -126,6 +126,16 @@ async def test_sms_in_is_published_before_the_empty_twiml_answer(hooks: Webhooks
     assert event["occurred_at"] == "2026-11-27T10:00:00Z"
 
 
+async def test_a_nul_in_an_sms_is_dropped_and_the_message_kept(hooks: Webhooks) -> None:
+    """(The gate refuses NUL, which PostgreSQL's text cannot hold; the adapter takes it out
+    rather than lose the customer's message.)"""
+    form = {**load_form("sms-incoming.form"), "Body": "my order\x00 4412"}
+    response = await hooks.post("/twilio/messaging", form)
+    assert response.status_code == 200, response.text
+    [(_, event)] = await hooks.published(1)
+    assert event["payload"]["text"] == "my order 4412"
+
+
 async def test_whatsapp_in_with_media_has_the_same_identity_key(hooks: Webhooks) -> None:
     assert (
         await hooks.post("/twilio/messaging", load_form("sms-incoming.form"))

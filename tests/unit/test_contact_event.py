@@ -29,6 +29,7 @@ from inbox.contact import (
     Social,
     ThreadRef,
     encode_contact_event,
+    holds_nul,
     parse_contact_event,
     validate,
 )
@@ -429,25 +430,25 @@ INVALID: list[tuple[str, str, Mutation, str]] = [
         "negative-talk",
         "call.ended",
         _set("payload.talk_seconds", -1),
-        "payload.talk_seconds must be a number from 0 to 604800",
+        "payload.talk_seconds must be a number from 0 to 31622400",
     ),
     (
         "bool-hold",
         "call.ended",
         _set("payload.hold_seconds", True),
-        "payload.hold_seconds must be a number from 0 to 604800",
+        "payload.hold_seconds must be a number from 0 to 31622400",
     ),
     (
         "text-queue-seconds",
         "call.abandoned",
         _set("payload.queue_seconds", "41"),
-        "payload.queue_seconds must be a number from 0 to 604800",
+        "payload.queue_seconds must be a number from 0 to 31622400",
     ),
     (
         "a-century-of-talk",
         "call.ended",
         _set("payload.talk_seconds", 10**13),
-        "payload.talk_seconds must be a number from 0 to 604800",
+        "payload.talk_seconds must be a number from 0 to 31622400",
     ),
     (
         "priority-text",
@@ -637,6 +638,24 @@ def test_valid_json_the_event_store_cannot_hold_is_refused(extra: Any, reason: s
     assert parse_contact_event(fine.encode(), now=NOW).payload["extra"][0] == 2**63 - 1
 
 
+def test_a_callback_answered_days_after_its_request_passes() -> None:
+    # (the dialer's queue_seconds counts from the request: a holiday closure is days)
+    event = event_dict(
+        type="call.answered",
+        channel="voice",
+        payload={"call_sid": "CA1", "queue": "sales", "queue_seconds": 10 * 86_400},
+    )
+    assert parse(event).payload["queue_seconds"] == 10 * 86_400
+
+
+def test_holds_nul_walks_any_depth_without_recursion() -> None:
+    deep: Any = "x\x00"
+    for _ in range(5000):
+        deep = {"k": [deep]}
+    assert holds_nul(deep)
+    assert not holds_nul({"a": ["b", {"c": None, "d": 1}]})
+
+
 def test_a_record_nested_past_what_the_decoder_reads_is_refused() -> None:
     deep = '{"d":' * 3000 + "1" + "}" * 3000
     record = json.dumps(event_dict(payload={"text": "hi"}))[:-1] + ', "x": ' + deep + "}"
@@ -802,7 +821,7 @@ _phones = st.builds(lambda n: f"+1415555{n:04d}", st.integers(0, 9999)) | st.bui
 _socials = st.builds(
     Social, network=st.sampled_from(["whatsapp", "messenger", "instagram"]), id=_id_text
 )
-_seconds = st.none() | st.integers(0, 604800) | st.floats(0, 604800, allow_nan=False)
+_seconds = st.none() | st.integers(0, 31622400) | st.floats(0, 31622400, allow_nan=False)
 # Text a valid event may hold: anything but NUL (which PostgreSQL's text cannot hold)
 _text = partial(
     st.text, alphabet=st.characters(exclude_characters="\x00", exclude_categories=["Cs"])

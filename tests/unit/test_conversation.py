@@ -24,6 +24,7 @@ T0 = "2026-11-27T10:00:00.000000Z"
 T1 = "2026-11-27T10:05:00.000000Z"
 T2 = "2026-11-27T10:10:00.000000Z"
 T3 = "2026-11-27T10:15:00.000000Z"
+T4 = "2026-11-27T10:20:00.000000Z"
 
 
 def _state(aggregate: Any) -> dict[str, Any]:
@@ -277,6 +278,11 @@ def test_a_call_is_the_last_inbound_contact_but_not_the_last_message() -> None:
     assert scenario.conversation.last_inbound_channel == "voice"
     assert scenario.conversation.last_message_channel == "sms"
     scenario.when(activity("chat.started", T3, "chat"))
+    assert scenario.conversation.last_message_channel == "chat"
+    # a voicemail (the IVR records it as a message on the voice channel) is no channel to
+    # reply through either
+    scenario.when(customer_writes(T4, channel="voice", text="call me back"))
+    assert scenario.conversation.last_inbound_channel == "voice"
     assert scenario.conversation.last_message_channel == "chat"
 
 
