@@ -300,7 +300,7 @@ class Distributor:
                     cid: routing_state.dump(settings, {_SET_ASIDE: self.convs[cid]})
                     for cid in resolved
                 }
-                state["convs"] = {cid: c for cid, c in self.convs.items() if c.status != RESOLVED}
+                state["convs"] = {cid: c for cid, c in self.convs.items() if cid not in set_aside}
                 data = routing_state.dump(settings, state)
             self.states.save(
                 self.state_name,

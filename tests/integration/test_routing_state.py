@@ -478,6 +478,17 @@ def test_resolved_conversations_are_set_aside_and_read_back_exactly_when_the_log
     keeping.catch_up()
     assert _records(restarted, _set_aside(db, restarted)) == _records(keeping)
     assert restarted.convs[str(mails[0].id)].status == "open"
+    # and a restarted mirror has every record, resolved ones too, from its state alone
+    mirror_again = Distributor(
+        center.store, center.directory, clock=center.clock, decide=False, states=states
+    )
+    center.commands.resolve(mails[1].id, actor="cy")
+    mirror.catch_up()
+    keeping.catch_up()
+    assert any(c.status == "resolved" for c in keeping.convs.values())
+    assert mirror.save_state()
+    assert mirror_again.restore()
+    assert _records(mirror_again) == _records(keeping)
     assert "reading the whole log again" not in caplog.text  # each record was there
 
 
