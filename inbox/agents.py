@@ -23,7 +23,7 @@ from inbox.commands import retrying
 from inbox.contact import CHANNELS
 from inbox.domain import ids
 from inbox.domain.agent import PRESENCES, Agent, AgentError, check_profile
-from inbox.domain.conversation import MAX_PRIORITY
+from inbox.domain.conversation import MAX_PRIORITY, is_priority
 from inbox.domain.errors import DomainError
 from inbox.domain.queue import Queue
 from inbox.domain.sla import SlaPolicy, SlaPolicyError
@@ -113,11 +113,7 @@ def queue_spec(name: str, data: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise InvalidSpec(f"channels: unknown channel {unknown[0]!r}")
     priority = data.get("priority", 0)
-    if (
-        not isinstance(priority, int)
-        or isinstance(priority, bool)
-        or not 0 <= priority <= MAX_PRIORITY
-    ):
+    if not is_priority(priority):
         raise InvalidSpec(f"priority must be a whole number from 0 to {MAX_PRIORITY}")
     sla = data.get("sla")
     if sla is not None:

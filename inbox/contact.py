@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 import msgspec
 import orjson
 
-from inbox.domain.conversation import MAX_PRIORITY
+from inbox.domain.conversation import MAX_PRIORITY, is_priority
 from inbox.identity import (
     SOCIAL_NETWORKS,
     InvalidIdentity,
@@ -291,11 +291,7 @@ def _check_payload(event_type: str, payload: dict[str, Any]) -> None:
             if payload.get(name) is not None and not isinstance(payload[name], str):
                 raise InvalidContactEvent(f"payload.{name} must be a string")
         priority = payload.get("priority")
-        if priority is not None and (
-            not isinstance(priority, int)
-            or isinstance(priority, bool)
-            or not 0 <= priority <= MAX_PRIORITY
-        ):
+        if priority is not None and not is_priority(priority):
             raise InvalidContactEvent(
                 f"payload.priority must be an integer from 0 to {MAX_PRIORITY}"
             )

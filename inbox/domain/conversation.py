@@ -23,12 +23,13 @@ ROUTER = "router"
 MAX_PRIORITY = 9
 
 
+def is_priority(value: object) -> bool:
+    """A whole number from 0 to MAX_PRIORITY (not a bool, which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PRIORITY
+
+
 def _check_priority(priority: int) -> None:
-    if (
-        not isinstance(priority, int)
-        or isinstance(priority, bool)
-        or not 0 <= priority <= MAX_PRIORITY
-    ):
+    if not is_priority(priority):
         raise ConversationStateError(f"priority must be a whole number from 0 to {MAX_PRIORITY}")
 
 
