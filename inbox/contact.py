@@ -6,6 +6,7 @@ does not pass it goes to the dead-letter topic with the `InvalidContactEvent` re
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
@@ -26,6 +27,10 @@ MAX_RECORD_BYTES = 1024 * 1024
 # A call's durations (talk, hold, wrap, queue wait): a callback's wait counts from its request,
 # which may be days before (holidays); a year keeps the metrics' sums in 64-bit counters.
 MAX_CALL_SECONDS = 366 * 86_400
+# NUL as JSON writes it: `\u0000` after an even number of backslashes (an odd one makes it the
+# text "\u0000"). Searched in C over the event's JSON, which the gate writes anyway: walking
+# the payload in Python cost the parse about 4 us an event.
+_ESCAPED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 Channel = Literal["email", "voice", "sms", "whatsapp", "messenger", "instagram", "chat"]
 EventType = Literal[
@@ -168,12 +173,15 @@ def validate(event: ContactEvent, *, now: datetime | None = None) -> ContactEven
     customer = _normalise_customer(event.customer)
     payload = dict(event.payload)
     _check_payload(event.type, payload)
+    thread = event.thread
     try:
-        orjson.dumps(payload)
+        # (the other texts are plain strings: only the payload can fail)
+        stored = orjson.dumps(
+            [event.event_id, thread.ref, *thread.in_reply_to, customer.name, payload]
+        )
     except TypeError as exc:  # valid JSON the event store's cannot hold: 2**64, deep nesting
         raise InvalidContactEvent(f"payload cannot be stored: {exc}") from None
-    texts = (event.event_id, event.thread.ref, *event.thread.in_reply_to, customer.name)
-    if any(text is not None and "\x00" in text for text in texts) or holds_nul(payload):
+    if b"\\u0000" in stored and _ESCAPED_NUL.search(stored):  # (`in`: memchr, no regex)
         # PostgreSQL's text cannot hold it: every read model would fail on the event
         raise InvalidContactEvent("a NUL character (U+0000) is in the event")
     return msgspec.structs.replace(event, occurred_at=at, customer=customer, payload=payload)
