@@ -63,28 +63,24 @@ async def test_bad_requests_get_clear_errors(stack: Stack) -> None:
     assert no_token.json()["error"]["code"] == "unauthenticated"
     wrong = await client.get("/api/v1/conversations", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
-    for params, needle in [
-        ({"status": "closed"}, "status"),
-        ({"channel": "fax"}, "channel"),
-        ({"limit": "501"}, "limit"),
-        ({"limit": "0"}, "limit"),
-        ({"limit": "²"}, "limit"),  # a digit to str.isdigit, not to int()
-        ({"queue": "sales\x00"}, "NUL"),
-        ({"customer": "phone:12"}, "customer"),
-        ({"cursor": "not-a-cursor"}, "cursor"),
+    lists, metrics = "/api/v1/conversations", "/api/v1/metrics"
+    for path, params, needle in [
+        (lists, {"status": "closed"}, "status"),
+        (lists, {"channel": "fax"}, "channel"),
+        (lists, {"limit": "501"}, "limit"),
+        (lists, {"limit": "0"}, "limit"),
+        (lists, {"limit": "²"}, "limit"),  # a digit to str.isdigit, not to int()
+        (lists, {"queue": "sales\x00"}, "NUL"),
+        (lists, {"customer": "phone:12"}, "customer"),
+        (lists, {"cursor": "not-a-cursor"}, "cursor"),
+        (metrics, {"to": "0001-01-01T00:00:00Z"}, "to"),
+        (metrics, {"to": "0001-01-01T00:00:00+14:00"}, "to"),
+        (metrics, {"from": "yesterday"}, "from"),
+        (metrics, {"agent": "\x00"}, "NUL"),
     ]:
-        response = await stack.get("/api/v1/conversations", **params)
-        assert response.status_code == 422, params
-        assert needle in response.json()["error"]["message"], params
-    for params, needle in [
-        ({"to": "0001-01-01T00:00:00Z"}, "to"),
-        ({"to": "0001-01-01T00:00:00+14:00"}, "to"),
-        ({"from": "yesterday"}, "from"),
-        ({"agent": "\x00"}, "NUL"),
-    ]:
-        response = await stack.get("/api/v1/metrics", **params)
-        assert response.status_code == 422, params
-        assert needle in response.json()["error"]["message"], params
+        response = await stack.get(path, **params)
+        assert response.status_code == 422, (path, params)
+        assert needle in response.json()["error"]["message"], (path, params)
     nul = await stack.post(
         "/api/v1/conversations/0b0c7a52-3b0e-4c8e-9a55-0c4f6f7d2b10/notes", {"text": "a\x00b"}
     )
